@@ -1,0 +1,681 @@
+"""What the method scripts share: config, distributed helpers, encoders, queue, momentum update, augmentations,
+datasets, kNN / linear-probe evaluation, run directory and checkpoints.
+
+Every method script (moco_ring.py, adco.py, mmcl.py, moco_acc.py) keeps its own paper's algorithm, loss and
+training loop; this module is the toolbox under them. Nothing heavy happens at import.
+
+Linear probe on any saved checkpoint (frozen backbone, features cached once, logistic regression on top):
+    python common.py probe runs/moco_ring/checkpoint.pt --epochs 100
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence, get_type_hints
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "negsampling-checkpoint-v1"
+
+
+def fail(message: str) -> None:
+    """Stop with one clear line on stderr and exit code 1 (bad input, impossible sizes, NaN loss...)."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: one typed dataclass per script; its fields become the argparse flags
+# ---------------------------------------------------------------------------------------------------------------------
+def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A config field whose default and help text live in one place (the help shows the default itself)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one error line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_config(config_class: type, argv: Sequence[str] | None = None, description: str | None = None):
+    """Turn a config dataclass into argparse flags (`batch_size` -> `--batch-size`), parse, return an instance.
+
+    Unknown flags and wrong types are rejected by argparse; booleans get `--flag / --no-flag`.
+    """
+    parser = OneLineErrorParser(description=(description or "").split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        kind, meta = hints[field.name], field.metadata
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=field.default, help=meta["help"], choices=meta["choices"],
+                                metavar=None if meta["choices"] else kind.__name__.upper())
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed: torchrun's environment decides; a world of one otherwise, where every gather is the identity
+# ---------------------------------------------------------------------------------------------------------------------
+def init_distributed() -> torch.device:
+    """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE) and return this process's device.
+
+    nccl on GPUs, gloo on CPUs. Each rank takes GPU LOCAL_RANK (the original MoCo put every rank on GPU 0).
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """The one gate for printing, logging and saving."""
+    return rank() == 0
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (BxD on each rank) from all ranks in rank order: (world*B)xD. No gradient flows back."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss used every rank's rows, so the gradient for my rows is the sum over ranks of
+        # d loss_r / d rows: all-reduce the full gradient, then keep my slice. (DDP then averages over ranks,
+        # which makes the result the gradient of the mean of the ranks' losses, as with one big batch.)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Like `concat_all_gather`, but gradients flow back to every rank's rows (for in-batch negatives)."""
+    return x if world_size() == 1 else _GatherWithGrad.apply(x)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging and for averaging a hand-made gradient); identity alone."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+@torch.no_grad()
+def encode_with_shuffled_bn(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Key-encoder forward with Shuffle BN (MoCo, Sec. 3.3): BatchNorm of the keys sees another sub-batch than
+    the queries, so the model cannot cheat on batch statistics. x: BxCxHxW on each rank -> BxD keys, in x's order.
+
+    Under DDP the global batch is permuted (one permutation drawn on rank 0 and broadcast) and each rank encodes
+    its slice of it. Alone, the batch is permuted locally and SplitBatchNorm's groups play the GPUs.
+    """
+    if world_size() == 1:
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return encoder(x[perm])[perm.argsort()]
+    x_all = concat_all_gather(x)  # x_all: (world*B)x...
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    mine = perm.view(world_size(), -1)[rank()]  # indices of the global batch this rank encodes
+    k_all = concat_all_gather(encoder(x_all[mine]))  # k_all: (world*B)xD, in permuted order
+    return k_all[perm.argsort()].view(world_size(), x.shape[0], -1)[rank()]
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed over `num_splits` groups of the batch, as if each group
+    were on its own GPU (MoCo's CIFAR demo). Same parameters and buffers as BatchNorm2d, so state_dicts match."""
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        # Fold the groups into channels: each (group, channel) pair gets its own mean and variance.
+        running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), running_mean, running_var,
+                           self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+        self.running_mean.copy_(running_mean.view(s, c).mean(0))
+        self.running_var.copy_(running_var.view(s, c).mean(0))
+        return out.view(n, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """A four-block CNN (about 0.3 M parameters) for CPU runs and tests; 128-d features."""
+
+    def __init__(self, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        layers, width_in = [], 3
+        for width in (32, 64, 128, 128):
+            layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), norm_layer(width), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            width_in = width
+        self.features = nn.Sequential(*layers[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 128
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def cifar_stem(resnet: nn.Module) -> nn.Module:
+    """Replace ResNet's 7x7/2 stem and max-pool by a 3x3/1 conv (for 32-96 px images, as in MoCo's CIFAR demo).
+    Apply it to `torchvision.models.resnet18()` too before loading a backbone saved with this stem."""
+    resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    resnet.maxpool = nn.Identity()
+    return resnet
+
+
+def build_backbone(arch: str, stem: str, bn_splits: int = 1) -> nn.Module:
+    """torchvision ResNet-18/50 (fc removed: its state_dict loads strictly into `torchvision.models.resnetXX()`
+    once `fc` is dropped and, for stem='cifar', `cifar_stem` applied) or the small CNN. `.out_dim` = feature size."""
+    import torchvision
+
+    norm = (lambda c: SplitBatchNorm(c, bn_splits)) if bn_splits > 1 else nn.BatchNorm2d
+    if arch == "small":
+        return SmallCNN(norm)
+    net = getattr(torchvision.models, arch)(norm_layer=norm)
+    if stem == "cifar":
+        cifar_stem(net)
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def projection_head(in_dim: int, out_dim: int, mlp: bool = True) -> nn.Module:
+    """MoCo v2 / SimCLR head: Linear-ReLU-Linear (mlp) or a single Linear (MoCo v1)."""
+    if not mlp:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    """backbone (what is evaluated and exported) + projection head (what the contrastive loss sees)."""
+
+    def __init__(self, arch: str, stem: str, dim: int, mlp: bool, bn_splits: int = 1):
+        super().__init__()
+        self.backbone = build_backbone(arch, stem, bn_splits)
+        self.head = projection_head(self.backbone.out_dim, dim, mlp)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) -> None:
+    """theta_k <- m theta_k + (1 - m) theta_q (MoCo Eq. 2), parameters only: BN buffers stay the key encoder's."""
+    key_params = [p for p in key_encoder.parameters()]
+    query_params = [p.detach() for p in query_encoder.parameters()]
+    torch._foreach_lerp_(key_params, query_params, 1.0 - m)  # one fused kernel per dtype instead of one per tensor
+
+
+class Queue(nn.Module):
+    """FIFO dictionary of K keys (MoCo). `keys: KxC`, rows are keys; buffers, so they move with `.to()` and are
+    saved in the state_dict. Any batch size works: writes wrap around the end and a batch larger than K keeps its
+    last K rows, so nothing crashes and no slot is written twice in one step."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))  # keys: KxC
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys (BxC, normalized) at the pointer and advance it: the B oldest entries leave."""
+        size = self.keys.shape[0]
+        keys = keys[-size:]
+        slots = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Augmentations (MoCo v2 / SimCLR recipe)
+# ---------------------------------------------------------------------------------------------------------------------
+def pretrain_transform(image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2):
+    """Random resized crop, colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur from 64 px up (SimCLR drops
+    it on CIFAR-sized images), horizontal flip."""
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
+             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+             T.RandomGrayscale(p=0.2)]
+    if image_size >= 64:
+        kernel = int(0.1 * image_size) // 2 * 2 + 1  # SimCLR: 10% of the image side, odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class MultiView:
+    """Apply each transform to the same image: `MultiView([t, t])` is the two-crop of MoCo/SimCLR; give it
+    several transforms for multi-crop."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------------
+IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+          "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclasses.dataclass
+class ImageData:
+    """Untransformed (PIL, label) datasets: `pretrain` for training, `memory`/`test` for the kNN monitor and probe."""
+    pretrain: torch.utils.data.Dataset
+    memory: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+def load_image_data(name: str, root: str, image_size: int = 0, download: bool = True) -> ImageData:
+    """`cifar10`/`cifar100`/`stl10` through torchvision (STL-10 pretrains on train+unlabeled); `folder` reads
+    ImageFolder trees `root/train` and `root/test`; `synthetic` is random pixels, for speed tests only.
+    image_size 0 means the dataset's own (32 for CIFAR, 96 for STL-10, the first image's for a folder)."""
+    import torchvision.datasets as D
+
+    if name not in IMAGE_DATASETS:
+        fail(f"unknown dataset '{name}' (choose from {', '.join(IMAGE_DATASETS)})")
+    mean, std = _STATS.get(name, _IMAGENET_STATS)
+    if name == "synthetic":
+        size = image_size or 32
+        train = D.FakeData(4096, (3, size, size), num_classes=10, random_offset=0)
+        test = D.FakeData(512, (3, size, size), num_classes=10, random_offset=4096)
+        return ImageData(train, train, test, 10, size, mean, std)
+    if name == "folder":
+        for split in ("train", "test"):
+            if not (Path(root) / split).is_dir():
+                fail(f"--data-root {root}: no '{split}/' folder (the 'folder' dataset wants root/train/<class>/*.jpg "
+                     "and root/test/<class>/*.jpg)")
+        train, test = D.ImageFolder(Path(root) / "train"), D.ImageFolder(Path(root) / "test")
+        return ImageData(train, train, test, len(train.classes), image_size or train[0][0].size[0], mean, std)
+    try:
+        if name == "stl10":
+            pretrain = D.STL10(root, split="train+unlabeled", download=download)
+            memory, test = D.STL10(root, split="train", download=download), D.STL10(root, split="test", download=download)
+            return ImageData(pretrain, memory, test, 10, image_size or 96, mean, std)
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", or no network
+        fail(f"cannot load {name} from --data-root {root}: {str(e).splitlines()[0]}")
+    return ImageData(train, train, test, len(train.classes), image_size or 32, mean, std)
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """(image, label) dataset -> (views, label), where the augmentation of sample i in epoch e is a pure function of
+    the seed the sampler hands over with i. Resuming mid-epoch therefore replays the very same crops, whatever
+    the number of loader workers."""
+
+    def __init__(self, base: torch.utils.data.Dataset, views: Callable):
+        self.base, self.views = base, views
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index_and_seed: tuple[int, int]):
+        index, seed = index_and_seed
+        image, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's CPU RNG
+            torch.manual_seed(seed)
+            return self.views(image), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, augmentation seed) for this rank. Epoch e's order is a permutation drawn from (seed, e);
+    global batch b is rows [b*B, (b+1)*B) of it and rank r reads its r-th contiguous slice, so gathering the ranks'
+    batches gives the same global batch as one process. The incomplete last batch is dropped (MoCo's queue and
+    SplitBN want full batches). `start_batch` skips the batches of an epoch already trained before a resume."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int):
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.batches_per_epoch = num_samples // global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // world_size())
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=g)
+        local = self.global_batch // world_size()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            rows = order[b * self.global_batch + rank() * local:][:local]
+            yield from zip(rows.tolist(), seeds[rows].tolist())
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(image, label) -> (transform(image), label), deterministic transforms only (evaluation)."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def evenly_spaced_subset(dataset, size: int):
+    """`size` samples spread over the whole dataset (every class of a sorted ImageFolder); all of it for size 0."""
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, torch.linspace(0, len(dataset) - 1, size).long().tolist())
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:
+    # A private generator: creating an iterator must not draw from the global RNG, or a resumed run (which creates
+    # one mid-epoch) would drift from an uninterrupted one. Randomness comes from EpochSampler's seeds instead.
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator(), drop_last=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: weighted kNN monitor (MoCo CIFAR demo / Wu et al. 2018) and linear probe
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized backbone features (NxD) and labels (N) of every sample the loader yields, eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for x, y in loader:
+        with autocast(device):
+            features.append(F.normalize(backbone(to_device(x, device)).float(), dim=1))
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1) -> torch.Tensor:
+    """Weighted kNN: each of the k nearest bank entries (cosine) votes for its label with weight exp(sim/T).
+    features: NxD, bank: MxD (normalized), bank_labels: M -> predicted labels N."""
+    sim = features @ bank.T  # sim: NxM
+    top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # Nxk
+    votes = torch.zeros(features.shape[0], num_classes, device=features.device)
+    votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+    return votes.argmax(dim=1)
+
+
+def knn_accuracy(backbone: nn.Module, memory_loader, test_loader, num_classes: int, device: torch.device,
+                 k: int = 200, temperature: float = 0.1) -> float:
+    """kNN top-1 (%) of the test split against a bank of training features taken with test transforms."""
+    bank, bank_labels = extract_features(backbone, memory_loader, device)
+    correct = 0
+    for features, labels in zip(*(t.split(1024) for t in extract_features(backbone, test_loader, device))):
+        correct += (knn_predict(features, bank, bank_labels, num_classes, k, temperature) == labels).sum().item()
+    return 100.0 * correct / len(test_loader.dataset)
+
+
+class KnnMonitor:
+    """kNN top-1 of a backbone during training: bank = training images with test transforms, queries = test split.
+    Runs on the main process (others wait at a barrier) and returns the accuracy there, None elsewhere."""
+
+    def __init__(self, data: ImageData, bank_size: int, test_size: int, k: int, temperature: float, workers: int,
+                 device: torch.device):
+        tf = eval_transform(data.image_size, data.mean, data.std)
+        self.memory = make_loader(Transformed(evenly_spaced_subset(data.memory, bank_size), tf), 256, workers, device)
+        self.test = make_loader(Transformed(evenly_spaced_subset(data.test, test_size), tf), 256, workers, device)
+        self.num_classes, self.k, self.temperature, self.device = data.num_classes, k, temperature, device
+
+    def __call__(self, backbone: nn.Module) -> float | None:
+        top1 = None
+        if is_main():
+            top1 = knn_accuracy(backbone, self.memory, self.test, self.num_classes, self.device, self.k,
+                                self.temperature)
+        if world_size() > 1:
+            dist.barrier()
+        return top1
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
+                 batch_size: int = 256, seed: int = 0) -> float:
+    """Logistic regression on frozen (cached, standardized) features, SGD with cosine lr; returns test top-1 (%)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    classifier = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    opt = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(train_x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_x), generator=g).split(batch_size):
+            loss = F.cross_entropy(classifier(train_x[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return 100.0 * (classifier(test_x).argmax(1) == test_labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training conveniences
+# ---------------------------------------------------------------------------------------------------------------------
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; a no-op on CPU (CPU bf16 is slow and changes numerics the tests pin down)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(x, device: torch.device):
+    """Move a batch (tensor or list of tensors) to the device, channels_last on GPU for 4-D images."""
+    if isinstance(x, (list, tuple)):
+        return [to_device(v, device) for v in x]
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up then half-cosine decay to 0, a function of the global step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_finite(loss_value: float, step: int) -> None:
+    if not math.isfinite(loss_value):
+        fail(f"loss is {loss_value} at step {step}; the run diverged (try a lower --lr); last checkpoint kept")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run directory: config.json, metrics.jsonl, checkpoint.pt (all written by the main process only)
+# ---------------------------------------------------------------------------------------------------------------------
+def git_state() -> dict:
+    """Provenance: the commit and whether the tree had uncommitted changes (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
+        return {"git_sha": sha.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+class RunDir:
+    """`--out-dir`: config.json (resolved config + provenance), metrics.jsonl (one JSON object per event)."""
+
+    def __init__(self, out_dir: str, config: dict, script: str):
+        self.path = Path(out_dir)
+        if is_main():
+            self.path.mkdir(parents=True, exist_ok=True)
+            info = {"script": script, "config": config, **git_state(), "world_size": world_size(),
+                    "torch": torch.__version__}
+            atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+
+    def log(self, record: dict) -> None:
+        if is_main():
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: Path, script: str, config: dict, step: int, model: nn.Module,
+                    optimizers: dict[str, torch.optim.Optimizer], backbone: nn.Module) -> None:
+    """Full state (model with its queues/banks, every optimizer, RNG, step, config), atomically, main process only.
+    Learning-rate and threshold schedules are functions of `step`, so the step restores them. `backbone` is saved
+    again on its own for export (torch.save stores shared tensors once)."""
+    if not is_main():
+        return
+    state = {"format": CHECKPOINT_FORMAT, "script": script, "config": config, "step": step,
+             "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+             "rng": rng_state(), "backbone": backbone.state_dict()}
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+# Flags that may change on --resume without changing what is computed.
+RESUME_MAY_CHANGE = {"resume", "out_dir", "max_steps", "workers", "log_every"}
+
+
+def load_checkpoint(path: str, script: str | None = None, config: dict | None = None) -> dict:
+    """Load with weights_only=True. With `script`/`config`, refuse a checkpoint of another script or config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"checkpoint {path} does not exist")
+    except Exception as e:  # pickle errors, zip errors, "weights only" refusals: all mean "not our checkpoint"
+        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker)")
+    if script is not None and state["script"] != script:
+        fail(f"{path} was written by {state['script']}.py, not {script}.py")
+    if config is not None:
+        changed = sorted(k for k in set(config) | set(state["config"])
+                         if k not in RESUME_MAY_CHANGE and config.get(k) != state["config"].get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in changed)
+            fail(f"cannot resume {path} with a different config ({diffs})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Linear probe entry point: python common.py probe CHECKPOINT
+# ---------------------------------------------------------------------------------------------------------------------
+def probe_main(argv: Sequence[str] | None = None) -> None:
+    parser = OneLineErrorParser(description="Linear probe of a saved checkpoint's frozen backbone",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint.pt written by one of the image method scripts")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of logistic regression on cached features")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine decay)")
+    parser.add_argument("--data-root", default=None, help="override the data root stored in the checkpoint")
+    parser.add_argument("--train-size", type=int, default=0, help="evenly spaced training subset (0: all)")
+    parser.add_argument("--test-size", type=int, default=0, help="evenly spaced test subset (0: all)")
+    parser.add_argument("--workers", type=int, default=4, help="data loader processes")
+    args = parser.parse_args(argv)
+    state = load_checkpoint(args.checkpoint)
+    cfg = state["config"]
+    device = init_distributed()
+    data = load_image_data(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"], download=True)
+    backbone = build_backbone(cfg["arch"], cfg["stem"]).to(device)
+    backbone.load_state_dict(state["backbone"], strict=True)
+    tf = eval_transform(data.image_size, data.mean, data.std)
+    loaders = [make_loader(Transformed(evenly_spaced_subset(d, n), tf), 256, args.workers, device)
+               for d, n in ((data.memory, args.train_size), (data.test, args.test_size))]
+    (train_x, train_y), (test_x, test_y) = (extract_features(backbone, loader, device) for loader in loaders)
+    top1 = linear_probe(train_x, train_y, test_x, test_y, data.num_classes, args.epochs, args.lr)
+    print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"], "linear_top1": round(top1, 2)}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["probe"]:
+        sys.exit("usage: python common.py probe CHECKPOINT [--epochs N] (see python common.py probe --help)")
+    probe_main(sys.argv[2:])
