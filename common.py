@@ -18,8 +18,9 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence, get_type_hints
+from typing import Any, Callable, Sequence, get_args, get_origin, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -59,13 +60,18 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
     hints = get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
-        kind, meta = hints[field.name], field.metadata
+        kind, help, choices = hints[field.name], field.metadata["help"], field.metadata.get("choices")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=meta["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
+        elif get_origin(kind) is tuple:  # tuple[float, ...]: `--flag 1 2 3`
+            item = get_args(kind)[0]
+            parser.add_argument(flag, type=item, nargs="*", default=field.default, help=help, choices=choices,
+                                metavar=item.__name__.upper())
         else:
-            parser.add_argument(flag, type=kind, default=field.default, help=meta["help"], choices=meta["choices"],
-                                metavar=None if meta["choices"] else kind.__name__.upper())
-    return config_class(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=kind, default=field.default, help=help, choices=choices,
+                                metavar=None if choices else kind.__name__.upper())
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
+    return config_class(**values)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,6 +87,9 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # The scripts pass DistributedDataParallel(broadcast_buffers=False): torch 2.14 calls that deprecated in favour
+    # of `forward_sync_buffers`, which torch 2.11 lacks. Both versions must run, so I keep the old spelling.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return device
@@ -172,13 +181,16 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         n, c, h, w = x.shape
         s = self.num_splits
-        # Fold the groups into channels: each (group, channel) pair gets its own mean and variance.
+        # Fold the groups into channels so each (group, channel) pair gets its own mean and variance. Group g is
+        # the contiguous rows [g*n/s, (g+1)*n/s), exactly the slice rank g would hold under DDP (MoCo's demo
+        # interleaves rows instead), so one device with s splits computes what s processes compute.
+        grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
         running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(x.reshape(n // s, c * s, h, w), running_mean, running_var,
-                           self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+        out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps)
         self.running_mean.copy_(running_mean.view(s, c).mean(0))
         self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.view(n, c, h, w)
+        return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -570,8 +582,11 @@ def git_state() -> dict:
 class RunDir:
     """`--out-dir`: config.json (resolved config + provenance), metrics.jsonl (one JSON object per event)."""
 
-    def __init__(self, out_dir: str, config: dict, script: str):
+    def __init__(self, out_dir: str, config: dict, script: str, resuming: bool):
         self.path = Path(out_dir)
+        if not resuming and (self.path / "metrics.jsonl").exists():
+            # Never lose work: a fresh run would append to the old log and overwrite the old checkpoint.
+            fail(f"--out-dir {out_dir} already holds a run; pass --resume {self.checkpoint_path} or another --out-dir")
         if is_main():
             self.path.mkdir(parents=True, exist_ok=True)
             info = {"script": script, "config": config, **git_state(), "world_size": world_size(),

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     # broadcast_buffers=False: the queue is identical on every rank by construction, no need to send it each step.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_ring")
+    run = common.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume))
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
