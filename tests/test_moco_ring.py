@@ -163,3 +163,13 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     assert result.returncode != 0 and "different config (moco_t: 0.1 -> 0.2)" in result.stderr
     result = run_script("moco_ring.py", *args, check=False)  # a fresh run must not overwrite the old one
     assert result.returncode != 0 and "already holds a run" in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--symmetric"], ["--anneal", "step", "--no-mlp"]])
+def test_variants_run(tmp_path, flags):
+    moco_ring.main(["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "16",
+                    "--moco-k", "40", "--max-steps", "3", "--epochs", "1", "--knn-bank-size", "64",
+                    "--knn-test-size", "32", "--out-dir", str(tmp_path), *flags])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
