@@ -1,0 +1,474 @@
+"""MMCL: Max-Margin Contrastive Learning, whose negatives are the support vectors of a kernel SVM (with SimCLR as
+the baseline in the same script).
+
+Paper: Anshul Shah, Suvrit Sra, Rama Chellappa, Anoop Cherian, "Max-Margin Contrastive Learning", AAAI 2022
+(../shared/papers/mmcl_max_margin_contrastive.txt). For every anchor image, an SVM separates one view z+ of it from
+the views Y of the other images of the batch; its dual variables alpha weigh the negatives (zero for easy ones,
+C for misclassified ones), and the loss of Eq. (9) pushes the anchor's other view z to the z+ side of that hyperplane.
+Proposition 1 reduces each SVM to a box-constrained QP in alpha_Y alone,
+    min_{0 <= a <= C} g(a) = 1/2 a^T Delta a - 2 a^T 1,   Delta = k_xx 11^T + K_YY - k_xY 1^T - 1 k_xY^T (+ beta I),
+solved approximately by truncated least squares (INV, a = clip(2 Delta^-1 1, 0, C)) or projected gradient (PGD).
+
+Algorithm 1 (MMCL), batched over all anchors at once, as implemented here (line numbers are cited in the code):
+     1  x+, x = t1(B), t2(B)                             # two views of N images          (AugmentedViews, MultiView)
+     2  z+, z = norm(f(x+)), norm(f(x))                  # NxD each, gathered with grad   (MMCL.forward, mmcl_loss)
+     3  Y_k = views of the other images                  # n = 2N-2 per anchor k          (negative_indices)
+     4  k_xx, k_xY, K_YY = K(z+_k, z+_k), K(z+_k, Y_k), K(Y_k, Y_k)  # Table 6 kernels   (kernel_matrix)
+     5  Delta_k = k_xx 11^T + K_YY - k_xY 1^T - 1 k_xY^T # Prop. 1, Bxnxn for B anchors   (svm_delta)
+     6  alpha_k = argmin_{0<=a<=C} g(a) on Delta_k + beta I, by INV or PGD, no gradient    (svm_dual_inv, _pgd)
+     7  alpha_k[alpha_k == C] = 0                        # optional false-negative fix    (mmcl_loss)
+     8  loss += alpha_k^T (K(Y_k, z_k) - K(z+_k, z_k) 1) # Eq. (9)                        (mmcl_loss)
+     9  loss.backward(); Adam step                       #                                (train_step)
+    10  sigma^2 /= 10 at the milestone epochs            # CIFAR-100 recipe               (sigma2_at)
+--loss simclr replaces lines 3-8 by SimCLR's NT-Xent (Eq. 1) over the same gathered batch: the paper's baseline.
+
+Where the paper and its public code (anshulbshah/MMCL, ../shared/papers/README.md) differ, and what I follow:
+- Negatives: Algorithm 1 uses both views of the other images (2N-2); the public code uses their first views only
+  (N-1). I follow the paper; --negatives first gives the code's choice.
+- Delta: Prop. 1 writes 11^T, which is k_xx 11^T with k_xx = K(z+, z+) = 1 (RBF, linear on unit vectors). The proof
+  gives k_xx 11^T for any kernel, which I use, so the tanh kernel (k_xx = tanh(gamma + eta)) is exact too.
+- RBF bandwidth: I write K = exp(-||x-y||^2 / (2 sigma^2)) (Table 6) and --sigma2 is that sigma^2. The CIFAR-100
+  recipe "sigma^2 = 0.02, times 10 at epochs 75 and 125" is, in the public code, K = exp(-||x-y||^2 / 50) divided
+  down to /5 and /0.5: the coefficient 1/(2 sigma^2) grows 0.02 -> 0.2 -> 2, i.e. sigma^2 = 25 -> 2.5 -> 0.25,
+  my defaults (--sigma2 25 --sigma-milestones 75,125 --sigma-decay 10): the kernel sharpens as features improve.
+- tanh kernel: Table 6 prints tanh(-gamma x.y + eta); the code computes tanh(gamma x.y). I use tanh(gamma x.y + eta)
+  with eta = 0 by default, the code's kernel (a minus sign would rank the closest points as the least similar).
+- PGD (appendix): Nesterov-accelerated, random non-negative start (relu of a Gaussian, as the code), at most 1000
+  steps, step 1/||Delta|| or a fixed one. I use FISTA's momentum sequence (t_1 = 1; the code starts it at a random
+  number) and bound ||Delta + beta I||_2 by its Frobenius norm (what the code's torch.norm(p=2, dim=(1,2)) computes);
+  --pgd-step 1e-3 gives the code's fixed step. Why not that default: at sigma^2 = 25 (lambda_max of Delta about 5)
+  a step of 1e-3 moves alpha so little that the stopping test fires after 1 iteration, 54% above the optimum of g,
+  while 1/||.||_F (within 7% of 1/lambda_max, thanks to the 11^T term) gets within 0.1% in about 30 (measured on
+  random unit vectors, N = 64; tests/test_mmcl.py checks convergence to the exact optimum). The code stops the
+  whole batch when the mean of |da / a| over all entries is below 1e-2; I stop each anchor on its own when
+  ||a_m - a_m-1|| <= tol ||a_m-1||, so a batch of anchors gives exactly what a loop over anchors gives, at any number
+  of processes. The start is drawn for the whole global
+  batch from the seeded RNG, so it too is the same at any world size and on resume.
+- Loss scale: Algorithm 1 sums over anchors, the code averages; I average (Adam is insensitive to the scale).
+- C = inf is --C inf (the code's C = -1). beta = 0.1 (Practical considerations) is --beta.
+- Defaults for CIFAR follow the paper's small-dataset recipe: batch 256, Adam lr 1e-3 (weight decay 1e-6, constant
+  lr, as the code), 400 epochs, RBF with the CIFAR-100 bandwidth schedule, C = 100, INV (the better variant on
+  CIFAR-100 and STL-10, Table 8). The backbone is ResNet-18 with the 3x3 stem (the code uses a ResNet-50 there).
+  SimCLR's temperature is 0.5, as in the CIFAR code MMCL builds on (HCL).
+
+Run:
+    python mmcl.py                                                 # CIFAR-10 (downloaded), ResNet-18, MMCL-INV
+    python mmcl.py --solver pgd                                    # MMCL-PGD
+    python mmcl.py --loss simclr                                   # the SimCLR baseline, same pipeline
+    python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
+    torchrun --nproc_per_node=4 mmcl.py --batch-size 256           # 4 GPUs (global batch 256), or 4 CPU processes
+    python common.py probe runs/mmcl/checkpoint.pt                 # linear probe of the saved backbone
+
+Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
+each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (312 steps) of the small CNN on the
+CIFAR-10 JPEGs at 16 px, batch 64, Adam 1e-3, C 100:
+    random init 32.8 | SimCLR 38.0 | MMCL-INV 38.8 (sigma^2 1), 37.9 (sigma^2 25) | MMCL-PGD 41.8 (sigma^2 1),
+    39.3 (sigma^2 25); PGD keeps 9-27% of the negatives as support vectors (INV 48-61%), in 31-62 iterations.
+    python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 0 --image-size 16
+        --batch-size 64 --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 [--loss simclr]
+        [--sigma2 1] [--solver pgd]
+Step throughput at batch 256 (python benchmark.py mmcl --steps 5, small CNN, 2 CPU threads, variants interleaved):
+SimCLR 78 images/s, MMCL-INV 49 (x0.62), MMCL-PGD 22 (x0.28, 50 iterations); Delta is 254 MB. Not yet measured: GPU throughput and
+peak solver memory (the issue's goal: INV within 15% of SimCLR), ResNet-18 runs of the paper's length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import option
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels (Table 6), the SVM dual of Proposition 1 and its two solvers
+# ---------------------------------------------------------------------------------------------------------------------
+KERNELS = ("rbf", "tanh", "linear")
+
+
+def kernel_matrix(x: torch.Tensor, y: torch.Tensor, kind: str, sigma2: float = 1.0, gamma: float = 1.0,
+                  eta: float = 0.0) -> torch.Tensor:
+    """K(x_i, y_j) for the rows of x: PxD and y: QxD, both L2-normalized -> PxQ (Table 6).
+
+    rbf: exp(-||x - y||^2 / (2 sigma^2)), which on unit vectors is exp((x.y - 1) / sigma^2);
+    tanh: tanh(gamma x.y + eta); linear: x.y.
+    """
+    dot = x @ y.T  # PxQ
+    if kind == "rbf":
+        return torch.exp((dot - 1.0) / sigma2)
+    if kind == "tanh":
+        return torch.tanh(gamma * dot + eta)
+    if kind == "linear":
+        return dot
+    raise ValueError(f"unknown kernel '{kind}' (choose from {', '.join(KERNELS)})")
+
+
+def negative_indices(num_images: int, anchors: torch.Tensor, negatives: str = "both") -> torch.Tensor:
+    """Anchor k's negatives Y_k as rows of Z = [z+ of the N images; z of the N images] (2NxD). Alg. 1 line 3.
+
+    anchors: B image indices in [0, N). both: the 2N-2 views of the other images (Algorithm 1);
+    first: the N-1 first views z+ of the other images (the public code). Returns Bxn, each row ascending.
+    """
+    columns = 2 * num_images if negatives == "both" else num_images
+    rows = torch.arange(len(anchors), device=anchors.device)
+    keep = torch.ones(len(anchors), columns, dtype=torch.bool, device=anchors.device)  # Bx2N or BxN
+    keep[rows, anchors] = False  # the anchor's own z+ is the SVM's positive, not a negative
+    if negatives == "both":
+        keep[rows, anchors + num_images] = False  # nor is its own z, the point the loss classifies
+    all_columns = torch.arange(columns, device=anchors.device).expand(len(anchors), columns)
+    return all_columns[keep].view(len(anchors), -1)  # Bxn
+
+
+def svm_delta(K: torch.Tensor, anchors: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Delta of Proposition 1 for every anchor at once (Alg. 1 line 5), without the beta I the solvers add.
+
+    K: 2Nx2N kernel between all views (rows of Z); anchors: B rows of Z that are the SVM positives z+;
+    negatives: Bxn rows of Z that are each anchor's Y. Returns Bxnxn with
+        Delta_k = k_xx 11^T + K_YY - k_xY 1^T - 1 k_xY^T.
+    This is the SVM dual of [z+, Y] with alpha_x = 1^T alpha_Y substituted (the equality constraint of Eq. 7).
+    """
+    n = negatives.shape[1]
+    k_xx = K[anchors, anchors]  # B: K(z+, z+)
+    k_xY = K[anchors.unsqueeze(1), negatives]  # Bxn: K(z+, Y)
+    # K_YY: Bxnxn. Gather rows, then columns: indexing K with a Bxnxn pair of indices would build int64 index
+    # tensors twice the size of the result.
+    delta = K[negatives].gather(2, negatives.unsqueeze(1).expand(-1, n, -1))
+    return delta.sub_(k_xY.unsqueeze(2)).sub_(k_xY.unsqueeze(1)).add_(k_xx.view(-1, 1, 1))
+
+
+@torch.no_grad()
+def svm_dual_inv(Delta: torch.Tensor, C: float, beta: float) -> torch.Tensor:
+    """MMCL_INV, Proposition 1 (iii): alpha = clip(2 (Delta + beta I)^-1 1, 0, C), one batched linear solve.
+
+    Delta: Bxnxn -> alpha: Bxn. The unconstrained minimizer of g, truncated to the box; C may be inf.
+    """
+    n = Delta.shape[-1]
+    A = Delta + beta * torch.eye(n, dtype=Delta.dtype, device=Delta.device)  # Bxnxn
+    two = torch.full(Delta.shape[:-1] + (1,), 2.0, dtype=Delta.dtype, device=Delta.device)  # Bxnx1
+    return torch.linalg.solve(A, two).squeeze(-1).clamp(0.0, C)  # Bxn
+
+
+@torch.no_grad()
+def svm_dual_pgd(Delta: torch.Tensor, C: float, steps: int, beta: float = 0.1, step_size: float = 0.0,
+                 tol: float = 1e-2, alpha0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMCL_PGD, Proposition 1 (ii) with Nesterov momentum (appendix "PGD Solver"), batched over anchors.
+
+    Minimizes g(a) = 1/2 a^T (Delta + beta I) a - 2 a^T 1 over 0 <= a <= C (C may be inf) for each of the B
+    problems in Delta: Bxnxn. step_size 0 takes 1/(||Delta||_F + beta) per anchor (at most 1/L, L the largest
+    eigenvalue of Delta + beta I, so the step never overshoots); alpha0: Bxn start (zeros if None). An anchor stops
+    when its relative change ||a_m - a_m-1|| / ||a_m-1|| is at most `tol` (tol 0: run all `steps`), on its own.
+    Returns alpha: Bxn and the iterations each anchor used: B (int).
+    """
+    B, n = Delta.shape[:2]
+    if step_size > 0:
+        eta = torch.full((B, 1), step_size, dtype=Delta.dtype, device=Delta.device)
+    else:
+        # ||Delta + beta I||_2 <= ||Delta||_F + beta: the Frobenius norm (what the code's torch.norm computes)
+        # bounds the largest eigenvalue, the gradient's Lipschitz constant, at the cost of one pass over Delta.
+        eta = 1.0 / (torch.linalg.matrix_norm(Delta).unsqueeze(1) + beta)  # Bx1
+    alpha = torch.zeros(B, n, dtype=Delta.dtype, device=Delta.device) if alpha0 is None else alpha0.clamp(0.0, C)
+    y = alpha  # Bxn, the extrapolated point where the gradient is taken
+    t = 1.0  # FISTA's momentum sequence
+    active = torch.ones(B, 1, dtype=torch.bool, device=Delta.device)  # anchors not yet converged
+    iterations = torch.zeros(B, dtype=torch.long, device=Delta.device)
+    for _ in range(steps):
+        grad = torch.bmm(Delta, y.unsqueeze(2)).squeeze(2) + beta * y - 2.0  # Bxn: (Delta + beta I) y - 2
+        new = (y - eta * grad).clamp(0.0, C)  # projection onto the box [0, C]^n
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        change = (new - alpha).norm(dim=1, keepdim=True) / alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        iterations += active.squeeze(1)
+        y = torch.where(active, new + (t - 1.0) / t_next * (new - alpha), alpha)
+        alpha = torch.where(active, new, alpha)  # converged anchors keep their alpha
+        t = t_next
+        active &= change > tol
+        if not active.any():
+            break
+    return alpha, iterations
+
+
+def mmcl_loss(z1: torch.Tensor, z2: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              C: float, solver: str, beta: float = 0.1, negatives: str = "both", fn_correction: bool = False,
+              pgd_steps: int = 1000, pgd_step: float = 0.0, pgd_tol: float = 1e-2) -> tuple[torch.Tensor, dict]:
+    """The MMCL loss of Eq. (9) for this rank's anchors against the negatives of the whole global batch.
+
+    z1: BxD the views z+ that train the SVMs, z2: BxD the views z that the loss classifies (L2-normalized; this
+    rank's B images of a global batch of N). kernel(X, Y) -> K (e.g. functools.partial(kernel_matrix, kind="rbf")).
+    solver: 'inv' or 'pgd'. Returns the mean over anchors of alpha^T (K(Y, z) - K(z+, z) 1), and solver statistics
+    (alpha: Bxn, detached; fractions of support vectors and of alphas at the bound C; PGD iterations per anchor).
+
+    No gradient flows through alpha (Practical considerations): through Delta^-1 the gradient could raise the
+    margin by making Delta ill-conditioned instead of separating the points, and the paper found that it stops
+    learning. So alpha is a constant weight on each negative, and only the kernel values of line 8 are trained.
+    """
+    B = z1.shape[0]
+    # Line 2. Every rank sees the whole global batch of views as candidates; gradients flow back to the rank that
+    # encoded them (common.gather_with_grad), so the sum over ranks is one big batch's gradient.
+    Z = torch.cat([common.gather_with_grad(z1), common.gather_with_grad(z2)])  # Z: 2NxD = [z+ of all; z of all]
+    N = Z.shape[0] // 2
+    anchors = common.rank() * B + torch.arange(B, device=Z.device)  # this rank's images in the global batch
+    Y = negative_indices(N, anchors, negatives)  # Y: Bxn rows of Z, each anchor's negatives, line 3
+    n = Y.shape[1]
+    with torch.no_grad():  # lines 4-7: alpha is a constant of the loss
+        Delta = svm_delta(kernel(Z, Z), anchors, Y)  # Delta: Bxnxn, lines 4-5
+        stats = {}
+        if solver == "inv":
+            alpha = svm_dual_inv(Delta, C, beta)  # alpha: Bxn, line 6
+        elif solver == "pgd":
+            # The appendix restarts alpha at random before every step; drawing the start for the whole global batch
+            # and keeping my rows makes it independent of how many processes share the batch.
+            alpha0 = torch.randn(N, n, dtype=Z.dtype, device=Z.device).relu_()[anchors]  # Bxn
+            alpha, iterations = svm_dual_pgd(Delta, C, pgd_steps, beta, pgd_step, pgd_tol, alpha0)  # line 6
+            stats["pgd_iters"] = iterations.float().mean()
+        else:
+            raise ValueError(f"unknown solver '{solver}' (choose inv or pgd)")
+        at_bound = alpha == C  # misclassified points (never, for C = inf)
+        stats.update(sv_frac=(alpha > 0).float().mean(), bound_frac=at_bound.float().mean())
+        if fn_correction:
+            alpha = alpha.masked_fill(at_bound, 0.0)  # line 7: points inside the margin may be false negatives
+    k_z = kernel(z2, Z)  # Bx2N: K(z_k, every view), with gradient
+    k_Yz = k_z.gather(1, Y)  # Bxn: K(Y_k, z_k)
+    k_xz = k_z[torch.arange(B, device=Z.device), anchors]  # B: K(z+_k, z_k)
+    loss = (alpha * (k_Yz - k_xz.unsqueeze(1))).sum(1).mean()  # line 8, Eq. (9)
+    return loss, {"alpha": alpha, **stats}
+
+
+def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (Eq. 1 with g = exp(cos / t)) for this rank's 2B anchors against the global batch.
+
+    z1, z2: BxD, L2-normalized views of this rank's B images. Each view's positive is the other view of its
+    image; its negatives are the 2N-2 views of the other images, the same candidates MMCL's SVMs see.
+    """
+    B = z1.shape[0]
+    Z = torch.cat([common.gather_with_grad(z1), common.gather_with_grad(z2)])  # Z: 2NxD, gradients flow back
+    N = Z.shape[0] // 2
+    mine = common.rank() * B + torch.arange(B, device=Z.device)  # my images' rows among the first views
+    rows = torch.cat([mine, mine + N])  # 2B: my anchors' own rows of Z
+    logits = torch.cat([z1, z2]) @ Z.T / temperature  # logits: 2Bx2N
+    logits = logits.masked_fill(F.one_hot(rows, 2 * N).bool(), float("-inf"))  # a view is not its own negative
+    return F.cross_entropy(logits, torch.cat([mine + N, mine]))  # positive: the other view of the same image
+
+
+@dataclasses.dataclass
+class Config:
+    # data
+    dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
+                          choices=common.IMAGE_DATASETS)
+    data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
+    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)")
+    workers: int = option(4, "data loader processes per training process")
+    # encoder
+    arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
+                       choices=("resnet18", "resnet50", "small"))
+    stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
+                       choices=("auto", "cifar", "imagenet"))
+    dim: int = option(128, "feature dimension D of the contrastive space")
+    mlp: bool = option(True, "MLP projection head (--no-mlp: a linear head)")
+    bn_splits: int = option(1, "BatchNorm groups per view on one device (SplitBatchNorm imitates that many GPUs); "
+                               "under torchrun each process is one group")
+    # loss
+    loss: str = option("mmcl", "'mmcl': the SVM loss of Eq. (9); 'simclr': NT-Xent, the paper's baseline",
+                       choices=("mmcl", "simclr"))
+    temperature: float = option(0.5, "SimCLR softmax temperature (--loss simclr only)")
+    negatives: str = option("both", "negatives per anchor: 'both' views of the other images (2N-2, Algorithm 1) "
+                                    "or their 'first' views (N-1, the public code)", choices=("both", "first"))
+    kernel: str = option("rbf", "SVM kernel (Table 6)", choices=KERNELS)
+    sigma2: float = option(25.0, "RBF bandwidth sigma^2 in exp(-||x-y||^2 / (2 sigma^2)) at the start")
+    sigma_milestones: str = option("75,125", "epochs (comma-separated) at which sigma^2 is divided by "
+                                             "--sigma-decay; '' for a constant bandwidth")
+    sigma_decay: float = option(10.0, "factor sigma^2 is divided by at each milestone")
+    tanh_gamma: float = option(1.0, "tanh kernel scale gamma in tanh(gamma x.y + eta)")
+    tanh_eta: float = option(0.0, "tanh kernel offset eta")
+    C: float = option(100.0, "SVM slack penalty C, the upper bound on alpha ('inf': hard margin)")
+    beta: float = option(0.1, "ridge beta added to Delta's diagonal (Practical considerations)")
+    solver: str = option("inv", "SVM dual solver: 'inv' truncated least squares, 'pgd' projected gradient",
+                         choices=("inv", "pgd"))
+    pgd_steps: int = option(1000, "maximum PGD iterations")
+    pgd_step: float = option(0.0, "PGD step size; 0: 1/||Delta + beta I|| per anchor (the code's fixed: 1e-3)")
+    pgd_tol: float = option(1e-2, "PGD stops an anchor when ||a_m - a_m-1|| <= tol ||a_m-1|| (0: all steps)")
+    fn_correction: bool = option(False, "false-negative correction: alpha[alpha == C] = 0 (appendix)")
+    # optimization
+    epochs: int = option(400, "training epochs")
+    batch_size: int = option(256, "global batch size N (split evenly over processes)")
+    lr: float = option(1e-3, "Adam learning rate")
+    weight_decay: float = option(1e-6, "Adam weight decay")
+    cosine: bool = option(False, "cosine-decay the learning rate to 0 (the paper's CIFAR/STL recipe keeps it)")
+    # run
+    seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)")
+    out_dir: str = option("runs/mmcl", "run directory: config.json, metrics.jsonl, checkpoint.pt")
+    resume: str = option("", "checkpoint.pt to continue from (same config)")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs")
+    log_every: int = option(1, "steps between metrics.jsonl records")
+    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)")
+    knn_k: int = option(200, "neighbours of the kNN monitor")
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
+    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)")
+    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
+
+
+def parse_milestones(text: str) -> list[int]:
+    """'75,125' -> [75, 125]; '' -> []."""
+    milestones = [int(m) for m in text.replace(" ", "").split(",") if m]
+    if any(m < 0 for m in milestones):
+        raise ValueError("negative epoch")
+    return milestones
+
+
+def sigma2_at(step: int, steps_per_epoch: int, sigma2: float, milestones: list[int], decay: float) -> float:
+    """The RBF bandwidth sigma^2 at a global step (Alg. 1 line 10): divided by `decay` at each milestone epoch
+    passed, so the kernel sharpens as the features spread out (CIFAR-100 recipe, Hyperparameters)."""
+    epoch = step // steps_per_epoch
+    return sigma2 / decay ** sum(epoch >= m for m in milestones)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+class MMCL(nn.Module):
+    """One encoder f (backbone + projection head) and the loss: MMCL has no key encoder, queue or bank."""
+
+    def __init__(self, cfg: Config, bn_splits: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
+
+    def forward(self, views: list[torch.Tensor], sigma2: float) -> tuple[torch.Tensor, dict]:
+        """views: two NxCxHxW batches (x+, x). Returns the loss and the solver's statistics (empty for SimCLR)."""
+        cfg = self.cfg
+        x1, x2 = views
+        # Each view is encoded on its own, so BatchNorm statistics are per view (as the public code does).
+        z1 = F.normalize(self.encoder(x1).float(), dim=1)  # z+: NxD, Alg. 1 line 2
+        z2 = F.normalize(self.encoder(x2).float(), dim=1)  # z: NxD
+        with torch.autocast(z1.device.type, enabled=False):  # kernels and the SVM in fp32
+            if cfg.loss == "simclr":
+                return simclr_loss(z1, z2, cfg.temperature), {}
+            kernel = functools.partial(kernel_matrix, kind=cfg.kernel, sigma2=sigma2, gamma=cfg.tanh_gamma,
+                                       eta=cfg.tanh_eta)
+            return mmcl_loss(z1, z2, kernel, cfg.C, cfg.solver, cfg.beta, cfg.negatives, cfg.fn_correction,
+                             cfg.pgd_steps, cfg.pgd_step, cfg.pgd_tol)
+
+
+def train_step(model: MMCL, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
+               step: int, steps_per_epoch: int, total_steps: int) -> dict[str, float]:
+    """One step of Algorithm 1 at a global step; returns what gets logged."""
+    cfg = model.cfg
+    lr = common.cosine_lr(step, total_steps, cfg.lr) if cfg.cosine else cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sigma2 = sigma2_at(step, steps_per_epoch, cfg.sigma2, parse_milestones(cfg.sigma_milestones), cfg.sigma_decay)
+    with common.autocast(views[0].device):
+        loss, solver = ddp_model(views, sigma2)  # lines 1-8
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # line 9
+    optimizer.step()
+    names = [k for k in ("sv_frac", "bound_frac", "pgd_iters") if k in solver]
+    # One all-reduce for everything logged; every rank has as many anchors, so the mean is the global batch's.
+    values = common.all_reduce_mean(torch.stack([loss.detach(), *(solver[k] for k in names)])).tolist()
+    stats = {"loss": values[0], "lr": lr, **dict(zip(names, values[1:]))}
+    if cfg.loss == "mmcl":
+        stats["sigma2"] = sigma2
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop (the same skeleton in every method script)
+# ---------------------------------------------------------------------------------------------------------------------
+def check_config(cfg: Config, num_images: int) -> None:
+    if cfg.batch_size % common.world_size():
+        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
+    if cfg.batch_size > num_images:
+        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
+    if cfg.batch_size < 2:
+        common.fail(f"--batch-size {cfg.batch_size}: contrastive learning needs at least 2 images (negatives)")
+    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
+        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    if not cfg.C > 0:
+        common.fail(f"--C {cfg.C} must be positive (inf for a hard margin)")
+    if not 0 <= cfg.beta < math.inf:
+        common.fail(f"--beta {cfg.beta} must be finite and non-negative")
+    if not 0 < cfg.sigma2 < math.inf or not 0 < cfg.sigma_decay < math.inf:
+        common.fail(f"--sigma2 {cfg.sigma2} and --sigma-decay {cfg.sigma_decay} must be positive and finite")
+    if not cfg.temperature > 0:
+        common.fail(f"--temperature {cfg.temperature} must be positive")
+    if cfg.pgd_steps < 1 or not cfg.pgd_step >= 0 or not cfg.pgd_tol >= 0:
+        common.fail(f"PGD needs --pgd-steps >= 1, --pgd-step >= 0 and --pgd-tol >= 0 (got {cfg.pgd_steps}, "
+                    f"{cfg.pgd_step}, {cfg.pgd_tol})")
+    try:
+        parse_milestones(cfg.sigma_milestones)
+    except ValueError:
+        common.fail(f"--sigma-milestones '{cfg.sigma_milestones}' is not a comma-separated list of epochs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = common.parse_config(Config, argv, __doc__)
+    device = common.init_distributed()
+    data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
+    check_config(cfg, len(data.pretrain))
+    cfg.image_size = data.image_size
+    cfg.stem = cfg.stem if cfg.stem != "auto" else ("cifar" if data.image_size < 100 else "imagenet")
+    config = dataclasses.asdict(cfg)
+
+    common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and PGD starts
+    model = MMCL(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(cfg.resume, "mmcl", config)
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizers"]["encoder"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+    # broadcast_buffers=False: BatchNorm statistics stay per rank, as per GPU in the paper's runs.
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+                 if common.world_size() > 1 else model)
+    run = common.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume))
+
+    augment = common.pretrain_transform(data.image_size, data.mean, data.std)
+    sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
+    loader = common.make_loader(common.AugmentedViews(data.pretrain, common.MultiView([augment, augment])),
+                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
+                                 device)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
+    while step < last_step:
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch)
+        tic, images = time.perf_counter(), 0
+        for views, _ in loader:
+            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
+                               total_steps)
+            step += 1
+            common.check_finite(stats["loss"], step)
+            images += cfg.batch_size
+            progress.update()
+            progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("loss", "sv_frac") if k in stats})
+            if step % cfg.log_every == 0:
+                run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
+                tic, images = time.perf_counter(), 0
+            if step == last_step:
+                break
+        epoch_done = step % steps_per_epoch == 0
+        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            top1 = evaluate(model.encoder.backbone)
+            if common.is_main():
+                run.log({"step": step, "epoch": epoch, "knn_top1": top1})
+                progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
+        common.save_checkpoint(run.checkpoint_path, "mmcl", config, step, model, {"encoder": optimizer},
+                               model.encoder.backbone)
+    progress.close()
+
+
+if __name__ == "__main__":
+    main()
