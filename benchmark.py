@@ -138,7 +138,7 @@ def bench_acc(args, device) -> list[dict]:
                               bn_splits=8, warmup_steps=0)
         common.seed_everything(0)
         model = moco_acc.CMACC(cfg, ("image", "image"), (3, 3), bn_splits=8).to(device)
-        for x in moco_acc.MODALITIES:  # a pool as after lines 6-7, with ids the dictionaries do not hold yet
+        for x in moco_acc.MODALITIES if sampling != "random" else ():  # a pool as after lines 6-7
             model.pool[x].keys.copy_(torch.nn.functional.normalize(torch.randn(300 * m, cfg.dim), dim=1))
             model.pool[x].ids.copy_(torch.arange(300 * m))
         opt = torch.optim.Adam([*model.query.parameters(), *model.fc_query.parameters()], lr=cfg.lr)
@@ -163,7 +163,8 @@ def bench_acc(args, device) -> list[dict]:
                 model.encode_keys(x, view, shuffle_bn=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rows.append({"variant": f"pool refresh: N={300 * m} x 2 key fwd", "images_per_s": 300 * m / (time.perf_counter() - tic)})
+    rows.append({"variant": f"pool refresh: N={300 * m} x 2 key fwd",
+                 "images_per_s": 300 * m / (time.perf_counter() - tic)})
     return rows
 
 

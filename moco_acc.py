@@ -1,0 +1,886 @@
+"""CM-ACC: cross-modal active contrastive coding (MoCo across two modalities, negatives chosen by active sampling).
+
+Paper: Shuang Ma, Zhaoyang Zeng, Daniel McDuff, Yale Song, "Active Contrastive Learning of Audio-Visual Video
+Representations", ICLR 2021 (../shared/papers/cm_acc_active_contrastive_av.txt). A random queue of negatives is
+redundant (many keys of one class, many easy keys); CM-ACC fills each modality's dictionary with the M candidates of
+a pool that k-means++ seeding picks in the space of gradient embeddings (Ash et al. 2020, BADGE): uncertain and
+diverse negatives. The public repository never ran (../shared/papers/README.md); this follows the paper.
+
+Algorithm 2 (Algorithm 1 in detail), as implemented here (line numbers are cited in the code):
+     3  D_v, D_a <- K random clips of V, A                   # dictionaries             (Dictionary, main)
+     4  k_i <- h(x_i) for every x_i in D_v, D_a              # key encoders             (encode_samples)
+     6  each epoch: U_v, U_a <- N random clips               # pools (--pool-every)     (Pool, main)
+     7  k_n <- h(x_n) for every x_n in U_v, U_a              #                          (encode_samples)
+     9  each step: mini-batch B_v, B_a of M pairs            # two views per modality   (PairData)
+    11  q^a = f_a(a), q^v = f_v(v)                           # queries: MxC             (CMACC.forward)
+    13  p(y^_n | v_n, B_a) = softmax_j(k^v_n . q^a_j)        # Eq. (4), v_n in U_v, not in D_v (pseudo_posterior)
+    14  y~_n = argmax_j p(y^_n)                              # pseudo-label             (gradient_embedding)
+    16  g_n = dCE(p(y^_n), y~_n) / d theta_last               # Eq. (5), closed form     (gradient_embedding)
+    17  S_v = k-means++ seeds of {g_n}, #seeds = M           # Algorithm 3              (kmeans_pp_seeds)
+    18  D_v <- enqueue(dequeue(D_v), S_v)                    #                          (CMACC.sample_negatives)
+ 19-27  the same for D_a with the video queries q^v
+    29  k^v = h_v(v'), k^a = h_a(a')                         # keys: MxC, shuffle BN    (CMACC.forward)
+    30  p(y^v) over [k^a_i, D_a] / tau, p(y^a) over [k^v_i, D_v] / tau   # Eq. (6)      (contrastive_loss)
+    32  Adam step on f_v, f_a                                # Eq. (7)                  (train_step)
+    33  h <- m h + (1 - m) f; FC(h_a) <- m FC(h_a) + (1 - m) FC(f_v)    # Eq. (8), Sec. 3.3 "additional FC layer"
+Algorithm 3 (k-means++ seeding): first seed uniform; each next seed drawn with probability proportional to D^2, the
+squared distance to the nearest seed chosen so far.
+--sampling random is XMoCo (Algorithm 4: the dictionaries enqueue the mini-batch's own keys, no pool); ohem keeps
+the M candidates of largest pseudo-label loss (Table 3); feature runs k-means++ on the keys instead of the gradient
+embeddings (Table 2); --unimodal is SMoCo (two MoCos, v against v' and a against a'); --no-fcl drops the additional
+FC layers (Table 1, "w/o fcl").
+
+Where the paper, its public code and this script differ:
+- The public code samples k-means++ seeds in proportion to D, not D^2, and defines the cross-modal FC layers
+  without using them. Here seeds follow Algorithm 3 (D^2, tested statistically) and the FC layers are in the loss
+  path: q^v = FC(f_v(v)), k^a = FC'(h_a(a)), and FC' follows FC by momentum (and the other way round).
+- Eq. (5) names "the last layer" without saying which parameters. I read it as BADGE does: the layer whose output
+  is the softmax over "classes", here the M queries of the other modality, acting on the candidate's key. Its
+  gradient is (p_n - onehot(y~_n)) (outer) k_n, an MxC matrix per candidate. I never materialize the N x MC
+  matrix (2.5 GB at the paper's N and M): k-means++ needs only inner products, and
+  <r (outer) k, r' (outer) k'> = (r . r') (k . k').
+- Eq. (4) has no temperature; I follow it (the loss of Eq. (6) uses tau).
+- Alg. 4 enqueues the mini-batch before computing the loss, which puts every positive among its own negatives;
+  XMoCo here enqueues after the loss, as MoCo does. Active sampling enqueues S_v, S_a before the loss (Alg. 2).
+- One pool of N items per epoch serves both modalities (U_v and U_a are the two halves of the same N pairs); the
+  paper draws them separately, which changes nothing in expectation and halves the data loading.
+- Alg. 2 encodes the pool once per epoch (lines 6-7), so the keys it enqueues age for up to an epoch while every
+  positive key is fresh. I measured what that does on avmnist: the loss falls far faster than XMoCo's during the
+  first epoch and jumps back to chance (2 ln(K+1)) the step the pool is redrawn. The queries learn to tell old
+  keys from new ones, a shortcut. I keep the paper's schedule as the default and offer --pool-every S (redraw every
+  S steps, at N key-encoder forwards per modality each time) to trade compute for fresher negatives.
+- The paper states no number of epochs, no lr decay, no projection MLP, no audio augmentation: here warm-up then a
+  constant lr, a linear head (--mlp for MoCo v2's), and light SpecAugment-style masks on the log-mel (without any
+  audio augmentation, the unimodal audio task of SMoCo would be trivial).
+- Under torchrun each rank runs the selection on the gathered global batch of queries with the same generator,
+  and rank 0's picks are broadcast, so the dictionaries can never drift apart by a rounding difference.
+
+Datasets (--dataset; a new one is one loader function added to DATASETS, see PairData):
+- avmnist: MNIST image of digit d paired with a Free Spoken Digit recording of digit d (pairing fixed per item, in
+  the manner of AV-MNIST). --data-root holds mnist5k/mnist_5k.npz and fsdd/recordings/ (../shared/data).
+  Labels of both modalities let the kNN monitor probe both encoders and let the logs count the classes among
+  the selected negatives (the paper's Figures 2 and 4).
+- avfolder: pre-extracted videos, --data-root/<video>/frames/00001.jpg... at --fps and <video>/audio.wav (16-bit
+  PCM), cut into clips of --clip-frames frames every --clip-stride frames with the matching audio segment.
+  Make one from your own video with ffmpeg:
+      mkdir -p data/myvideo/frames
+      ffmpeg -i myvideo.mp4 -vf "fps=10,scale=-2:128" -q:v 3 data/myvideo/frames/%05d.jpg
+      ffmpeg -i myvideo.mp4 -vn -ac 1 -ar 16000 -c:a pcm_s16le data/myvideo/audio.wav
+
+Run:
+    python moco_acc.py --data-root ../shared/data --arch small --batch-size 64 --moco-k 640 --pool-size 1920 \\
+        --moco-m 0.99 --warmup-steps 50 --epochs 20 --workers 2          # avmnist on a laptop CPU
+    python moco_acc.py --data-root ../shared/data --sampling random ...  # XMoCo (same flags)
+    python moco_acc.py --data-root ../shared/data --pool-every 25 ...     # fresher pools (see above)
+    python moco_acc.py --dataset avfolder --data-root ../shared/data/av-clips --batch-size 16 --moco-k 32 \\
+        --pool-size 64 --clip-stride 8 --bn-splits 2                     # r3d_18 + audio ResNet-18, one GPU
+    torchrun --nproc_per_node=8 moco_acc.py --dataset avfolder --data-root /data/kinetics-av   # paper settings
+
+Results measured (see README.md for every command and machine), on a 2-core CPU shared with other jobs, no GPU,
+one run each, seed 0. avmnist, 150 steps (125 per epoch):
+    python moco_acc.py --data-root ../shared/data --arch small --workers 0 --batch-size 32 --moco-k 128 \\
+        --pool-size 512 --moco-m 0.99 --warmup-steps 10 --bn-splits 2 --epochs 2 --max-steps 150 --knn-every 0 \\
+        --knn-bank-size 1000 --knn-test-size 300 [--sampling ...] [--pool-every 25]
+  kNN top-1 (%) of the image / audio backbone (bank: 1000 training items, queries: 300 test items, k=200):
+    random init (seed 0; seed 1: 75.0 / 48.0)           70.0 / 42.7
+    XMoCo, --sampling random                            87.3 / 58.7
+    CM-ACC, --sampling active (pool once per epoch)     65.0 / 48.0   loss 9.7 -> 6.3 in epoch 0, 9.6 after the redraw
+    CM-ACC, --sampling active --pool-every 25           67.0 / 57.0
+    k-means++ on keys, --sampling feature --pool-every 25   76.0 / 51.3
+    OHEM, --sampling ohem --pool-every 25               59.0 / 46.7
+  Single runs are noisy: another random stream for the k-means++ draws gave 74.0 / 50.7, 71.0 / 54.7 and
+  74.7 / 56.0 for the three k-means++ rows. Still, in these short runs random negatives learn fastest and OHEM
+  worst (as in Table 3); the paper's gains (Tables 1-3) come from Kinetics-scale pretraining I could not run here.
+  Classes among the selected negatives (Figure 2; tests/test_moco_acc.py, encoders of the XMoCo run above, 30 steps
+  of M=10 queries per modality, pool of 1000): mean distinct digits 7.05 active, 6.97 feature, 5.63 OHEM, against
+  6.52 expected of a uniform draw. At random init the gap is within noise (active 6.68 +- 0.11 over 60 draws).
+  Step time, `OMP_NUM_THREADS=1 python benchmark.py acc --batch-size 32 --steps 20` (two small image CNNs, the
+  paper's ratios M:K:N = 32:960:9600, one thread): XMoCo 127 pairs/s (encode 186 / sample 0 / update 68 ms),
+  active 99 pairs/s (186 / 63 / 71 ms: +27%, the issue's goal is 25%), feature 107, OHEM 114; a pool refresh
+  encodes 406 pairs/s. k-means++ is M sequential passes over the N x (M + C) factors, memory-bound on a CPU.
+  Not measured: Kinetics / AudioSet pretraining, the UCF101, HMDB51 and ESC50 transfer of Tables 1-6, anything on
+  a GPU, the r3d_18 and audio ResNet-18 beyond a smoke test.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+import wave
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import option
+
+MODALITIES = ("v", "a")  # the paper's visual and audio modality; for an image pair (x, y): v is x, a is y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Active sampling (Section 3.2, Algorithms 2-3) and the cross-modal loss (Eq. 6-7)
+# ---------------------------------------------------------------------------------------------------------------------
+def pseudo_posterior(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Eq. (4): p(y^_n = j | k_n, B) = softmax_j(k_n . q_j). keys: NxC candidates, queries: MxC -> p: NxM.
+    The M queries of the other modality are the "classes"; Eq. (4) has no temperature."""
+    return (keys @ queries.T).softmax(dim=1)
+
+
+def gradient_embedding(keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5) in closed form, factored: (residual: NxM, features: NxC), g_n = residual[n] (outer) features[n].
+
+    The last layer is read as a linear classifier over the M queries, W = queries (MxC), fed the candidate's key:
+    logits = W k_n, p_n = softmax (Eq. 4), pseudo-label y~_n = argmax p_n (Alg. 2 line 14). The gradient of
+    CE(p_n, y~_n) with respect to W is (p_n - onehot(y~_n)) k_n^T (BADGE). Its norm is small when the model is sure
+    of the pseudo-label (uncertainty); its direction says which query the candidate confuses (diversity).
+    """
+    p = pseudo_posterior(keys, queries)  # p: NxM
+    residual = p - F.one_hot(p.argmax(dim=1), p.shape[1]).to(p.dtype)  # p - onehot(y~): NxM
+    return residual, keys
+
+
+def kmeans_pp_seeds(X: torch.Tensor | tuple[torch.Tensor, torch.Tensor], k: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Algorithm 3 (k-means++ seeding): k distinct indices into the N points, in the order they were picked.
+
+    X: NxD points, or a pair (R: NxM, F: NxC) standing for the N points R[n] (outer) F[n] flattened (the gradient
+    embeddings of `gradient_embedding`, never materialized). The first seed is uniform (line 2); each next one is
+    drawn with probability proportional to D^2, the squared distance to its nearest seed so far (lines 5-10).
+    """
+    if isinstance(X, torch.Tensor):
+        sq_norm = X.pow(2).sum(1)  # ||x_n||^2: N
+
+        def dot(i):
+            return X @ X[i]  # <x_n, x_i>: N
+    else:
+        R, feats = X
+        sq_norm = R.pow(2).sum(1) * feats.pow(2).sum(1)  # ||r (outer) f||^2 = ||r||^2 ||f||^2
+
+        def dot(i):
+            return (R @ R[i]) * (feats @ feats[i])  # <r (outer) f, r' (outer) f'> = (r . r') (f . f')
+    n = sq_norm.shape[0]
+    if not 0 < k <= n:
+        raise ValueError(f"cannot pick {k} seeds among {n} points")
+    picks = torch.empty(k, dtype=torch.long, device=sq_norm.device)
+    picks[:1] = torch.randint(n, (1,), generator=generator, device=sq_norm.device)  # line 2: uniform
+    nearest = torch.full_like(sq_norm, math.inf)  # D^2 to the nearest seed: N
+    unchosen = torch.ones_like(sq_norm)
+    for j in range(1, k):
+        c = picks[j - 1]
+        nearest = torch.minimum(nearest, (sq_norm + sq_norm[c] - 2 * dot(c)).clamp_min(0))  # line 6
+        nearest[c], unchosen[c] = 0.0, 0.0  # exactly 0: rounding must never let a seed be drawn twice
+        # Lines 8-10: P = cumsum(D^2), the seed is where a uniform draw on [0, P[-1]) falls. If every remaining
+        # point coincides with a seed, D^2 is all 0: draw uniformly among the unchosen instead, so that the k
+        # indices stay distinct (torch.where: no host sync on a GPU).
+        cumulative = torch.where(nearest.sum() > 0, nearest, unchosen).double().cumsum(0)  # P: N
+        u = torch.rand(1, generator=generator, device=cumulative.device, dtype=torch.float64) * cumulative[-1]
+        picks[j:j + 1] = torch.searchsorted(cumulative, u, right=True)  # first n with P[n] > u: never a 0 weight
+    return picks
+
+
+def select_negatives(sampling: str, keys: torch.Tensor, queries: torch.Tensor, num: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """`num` distinct indices into the candidate keys (NxC, the pool minus the dictionary) for the dictionary
+    that the queries (MxC, the other modality's mini-batch) are contrasted with. Alg. 2 lines 12-17."""
+    if sampling == "active":
+        return kmeans_pp_seeds(gradient_embedding(keys, queries), num, generator)
+    if sampling == "feature":  # Table 2: k-means++ on the feature embeddings (the keys) instead
+        return kmeans_pp_seeds(keys, num, generator)
+    # ohem (Table 3): the candidates of largest cross-entropy at their pseudo-label, -log p(y~_n) = lse - max
+    logits = keys @ queries.T  # NxM, Eq. (4)
+    return (logits.logsumexp(dim=1) - logits.max(dim=1).values).topk(num).indices
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, dictionary: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. (6)-(7): mean over the M queries of -log( e^{q.k+/tau} / (e^{q.k+/tau} + sum_j e^{q.D[j]/tau}) ).
+    q: MxC queries of one modality, k: MxC their positives (keys of the partner modality), dictionary: KxC."""
+    l_pos = torch.einsum("mc,mc->m", q, k.detach()).unsqueeze(1)  # l_pos: Mx1
+    l_neg = q @ dictionary.detach().T  # l_neg: MxK
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Mx(1+K), positive at index 0
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def stream_seed(*parts) -> int:
+    """A seed for one named random stream (pool of epoch e, selection at step t...), independent of the global RNG
+    so that resuming never depends on how much of it earlier code consumed."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: paired modalities. A dataset is a loader function cfg -> PairData, registered in DATASETS.
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PairData:
+    """Everything the training loop knows about a paired dataset.
+
+    train: indexed by (index, seed), the pairs common.EpochSampler yields, and returns
+        ([v_query, v_key], [a_query, a_key], label_v, label_a): two augmented views of each modality of item
+        `index`, every random choice a function of `seed` (exact resume). Labels are ints, -1 where unknown; they
+        are only counted in the logs, never used for training.
+    kinds: encoder family of (v, a): 'video' (3xTxHxW clips), 'audio' (bands x frames log-mel), 'image' (3xHxW).
+    in_channels: input channels of (v, a) (mel bands for audio, 3 otherwise).
+    num_classes: label classes (0 when unlabelled).
+    knn: {modality: (bank, test)} datasets of (input, label) with evaluation transforms, for the kNN monitor.
+    An image-pair dataset (x, y) plugs in with kinds ('image', 'image').
+    """
+    train: torch.utils.data.Dataset
+    kinds: tuple[str, str]
+    in_channels: tuple[int, int]
+    num_classes: int
+    knn: dict
+
+
+def read_wav(path, start: int = 0, count: int | None = None) -> tuple[torch.Tensor, int]:
+    """Mono waveform in [-1, 1) of a 16-bit PCM wav, frames [start, start + count), and its sample rate. Python's
+    wave module: from torchaudio 2.9 on, torchaudio.load needs torchcodec, which may not be installed."""
+    with wave.open(str(path)) as w:
+        if w.getsampwidth() != 2:
+            common.fail(f"{path}: {8 * w.getsampwidth()}-bit audio; convert it to 16-bit PCM (ffmpeg -c:a pcm_s16le)")
+        w.setpos(min(start, w.getnframes()))
+        raw = w.readframes(w.getnframes() - start if count is None else count)
+        channels, rate = w.getnchannels(), w.getframerate()
+    audio = torch.frombuffer(bytearray(raw), dtype=torch.int16).float() if raw else torch.zeros(0)
+    return audio.view(-1, channels).mean(1) / 32768.0, rate
+
+
+class LogMel:
+    """80-band log-mel spectrogram (Appendix A), 25 ms windows every 10 ms, LibROSA's Slaney filterbank and 80 dB
+    dynamic range, standardized per clip. Returns bands x frames: the bands are the channels of the audio encoder's
+    1D convolutions."""
+
+    def __init__(self, bands: int):
+        self.bands, self.transforms = bands, {}
+
+    def __call__(self, audio: torch.Tensor, rate: int) -> torch.Tensor:
+        import torchaudio
+
+        if rate not in self.transforms:
+            window = int(0.025 * rate)
+            self.transforms[rate] = torchaudio.transforms.MelSpectrogram(
+                rate, n_fft=2 ** math.ceil(math.log2(2 * window)), win_length=window, hop_length=rate // 100,
+                n_mels=self.bands, norm="slaney", mel_scale="slaney")
+        db = 10 * self.transforms[rate](audio).clamp_min(1e-10).log10()  # mel power in dB: bands x frames
+        db = db.clamp_min(db.max() - 80.0)  # LibROSA's power_to_db(top_db=80): silence and padding sit at the floor
+        return (db - db.mean()) / (db.std() + 1e-5)
+
+
+def mask_spectrogram(mel: torch.Tensor, max_bands: int = 8, max_fraction: float = 0.1) -> torch.Tensor:
+    """One band mask and one time mask (SpecAugment), drawn from torch's RNG (seeded per item by the dataset)."""
+    bands, frames = mel.shape
+    out = mel.clone()
+    width = int(torch.randint(0, max_bands + 1, ()))
+    start = int(torch.randint(0, bands - width + 1, ()))
+    out[start:start + width] = 0.0
+    width = int(torch.randint(0, int(max_fraction * frames) + 1, ()))
+    start = int(torch.randint(0, frames - width + 1, ()))
+    out[:, start:start + width] = 0.0
+    return out
+
+
+def fixed_length(audio: torch.Tensor, length: int, random_offset: bool) -> torch.Tensor:
+    """Crop or zero-pad a waveform to `length` samples, at a random offset (a time shift) or centered."""
+    excess = audio.shape[0] - length
+    offset = int(torch.randint(0, abs(excess) + 1, ())) if random_offset else abs(excess) // 2
+    if excess >= 0:
+        return audio[offset:offset + length]
+    return F.pad(audio, (offset, -excess - offset))
+
+
+class DigitPairs(torch.utils.data.Dataset):
+    """avmnist: item i is MNIST image i (digit d) with a fixed spoken recording of digit d (FSDD, 1 s at 8 kHz).
+    mode 'train': (index, seed) -> two views of each; 'image' / 'audio': index -> (evaluation input, digit)."""
+
+    MEAN, STD = 0.1307, 0.3081
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recordings: list[Path], mode: str, bands: int):
+        self.images, self.labels, self.recordings, self.mode = images, labels, recordings, mode
+        self.mel = LogMel(bands)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def image(self, i: int, augment: bool) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        x = self.images[i].float().div(255).unsqueeze(0)  # 1x28x28
+        if augment:
+            x = v2.RandomResizedCrop(28, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)(x)
+        return ((x - self.MEAN) / self.STD).expand(3, -1, -1)  # 3x28x28 for the RGB image encoders
+
+    def audio(self, i: int, augment: bool) -> torch.Tensor:
+        wav, rate = read_wav(self.recordings[i])
+        mel = self.mel(fixed_length(wav, rate, augment), rate)  # bands x 101
+        return mask_spectrogram(mel) if augment else mel
+
+    def __getitem__(self, item):
+        if self.mode == "image":
+            return self.image(item, False), int(self.labels[item])
+        if self.mode == "audio":
+            return self.audio(item, False), int(self.labels[item])
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views_v = [self.image(index, True) for _ in range(2)]
+            views_a = [self.audio(index, True) for _ in range(2)]
+        label = int(self.labels[index])
+        return views_v, views_a, label, label
+
+
+def load_avmnist(cfg: Config) -> PairData:
+    """MNIST (500 per digit: 400 train, 100 test) with FSDD (recordings 0-4 of each speaker and digit are its
+    standard test split). Training image j of digit d is paired with training recording j mod R_d of digit d."""
+    import numpy as np
+
+    root = Path(cfg.data_root)
+    npz, wav_dir = root / "mnist5k" / "mnist_5k.npz", root / "fsdd" / "recordings"
+    if not npz.is_file() or not wav_dir.is_dir():
+        common.fail(f"--data-root {cfg.data_root}: avmnist needs mnist5k/mnist_5k.npz and fsdd/recordings/ in it")
+    with np.load(npz) as arrays:
+        images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long()
+    train_rows, test_rows = [], []
+    for d in range(10):
+        rows = (labels == d).nonzero().squeeze(1)
+        train_rows.append(rows[:400])
+        test_rows.append(rows[400:])
+    train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
+    wavs = sorted(wav_dir.glob("*.wav"), key=lambda p: (int(p.stem.split("_")[0]), p.stem))
+    splits = {"train": [p for p in wavs if int(p.stem.split("_")[2]) >= 5],
+              "test": [p for p in wavs if int(p.stem.split("_")[2]) < 5]}
+    by_digit = [[p for p in splits["train"] if int(p.stem.split("_")[0]) == d] for d in range(10)]
+    seen = [0] * 10
+    partners = []
+    for d in labels[train_rows].tolist():
+        partners.append(by_digit[d][seen[d] % len(by_digit[d])])
+        seen[d] += 1
+    train = DigitPairs(images[train_rows], labels[train_rows], partners, "train", cfg.mel_bands)
+    knn = {"v": (DigitPairs(images[train_rows], labels[train_rows], [], "image", cfg.mel_bands),
+                 DigitPairs(images[test_rows], labels[test_rows], [], "image", cfg.mel_bands)),
+           "a": tuple(DigitPairs(None, torch.tensor([int(p.stem[0]) for p in splits[s]]), splits[s], "audio",
+                                 cfg.mel_bands) for s in ("train", "test"))}
+    return PairData(train, ("image", "audio"), (3, cfg.mel_bands), 10, knn)
+
+
+class VideoClips(torch.utils.data.Dataset):
+    """avfolder: (index, seed) -> two views of clip `index` ([3xTxSxS] x2) and of its audio segment ([bands x
+    frames] x2), labels -1. The start frame is jittered within the stride (temporal jittering, Appendix A); both
+    views of both modalities share it, so the audio stays aligned with the frames."""
+
+    MEAN, STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)  # Kinetics statistics
+
+    def __init__(self, videos: list[tuple[list[Path], Path]], cfg: Config):
+        self.videos, self.cfg = videos, cfg
+        self.items = [(v, s) for v, (frames, _) in enumerate(videos)
+                      for s in range(0, len(frames) - cfg.clip_frames + 1, cfg.clip_stride)]
+        self.rates = []
+        for _, wav_path in videos:
+            with wave.open(str(wav_path)) as w:
+                self.rates.append(w.getframerate())
+        self.mel = LogMel(cfg.mel_bands)
+
+    def __len__(self):
+        return len(self.items)
+
+    def augment(self, frames: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, flip and grayscale with the same parameters for every frame (Appendix A)."""
+        from torchvision.transforms import v2
+
+        size = self.cfg.frame_size
+        clip = v2.Compose([v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                           v2.RandomGrayscale(p=0.2)])(frames).float().div(255)  # Tx3xSxS
+        clip = (clip - torch.tensor(self.MEAN).view(3, 1, 1)) / torch.tensor(self.STD).view(3, 1, 1)
+        return clip.transpose(0, 1).contiguous()  # 3xTxSxS, the layout of torchvision's video models
+
+    def __getitem__(self, index_and_seed):
+        from torchvision.io import decode_jpeg, read_file
+
+        index, seed = index_and_seed
+        video, start = self.items[index]
+        frame_paths, wav_path = self.videos[video]
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            start = min(start + int(torch.randint(0, cfg.clip_stride, ())), len(frame_paths) - cfg.clip_frames)
+            frames = torch.stack([decode_jpeg(read_file(str(p))) for p in frame_paths[start:start + cfg.clip_frames]])
+            views_v = [self.augment(frames) for _ in range(2)]
+            rate = self.rates[video]
+            first, length = round(start / cfg.fps * rate), round(cfg.clip_frames / cfg.fps * rate)
+            audio, rate = read_wav(wav_path, first, length)
+            mel = self.mel(F.pad(audio, (0, length - audio.shape[0])), rate)  # bands x (100 per second)
+            views_a = [mask_spectrogram(mel) for _ in range(2)]
+        return views_v, views_a, -1, -1
+
+
+def load_avfolder(cfg: Config) -> PairData:
+    root = Path(cfg.data_root)
+    folders = (sorted(d for d in root.iterdir() if (d / "frames").is_dir() and (d / "audio.wav").is_file())
+               if root.is_dir() else [])
+    videos = [(sorted((d / "frames").glob("*.jpg")), d / "audio.wav") for d in folders]
+    videos = [v for v in videos if len(v[0]) >= cfg.clip_frames]
+    if not videos:
+        common.fail(f"--data-root {cfg.data_root}: no <video>/frames/*.jpg + <video>/audio.wav folder with at least "
+                    f"{cfg.clip_frames} frames (see the ffmpeg commands in moco_acc.py's docstring)")
+    return PairData(VideoClips(videos, cfg), ("video", "audio"), (3, cfg.mel_bands), 0, {})
+
+
+DATASETS = {"avmnist": load_avmnist, "avfolder": load_avfolder}
+
+
+@dataclasses.dataclass
+class Config:
+    # data
+    dataset: str = option("avmnist", "paired data (see the docstring): 'avmnist' digits seen and spoken, "
+                                     "'avfolder' pre-extracted videos", choices=tuple(DATASETS))
+    data_root: str = option("./data", "dataset folder (avmnist: holds mnist5k/ and fsdd/; avfolder: one folder "
+                                      "per video)")
+    workers: int = option(4, "data loader processes per training process")
+    fps: float = option(10.0, "avfolder: frame rate the frames were extracted at (Appendix A: 10)")
+    clip_frames: int = option(16, "avfolder: frames per clip (Appendix A: 16 for pretraining)")
+    clip_stride: int = option(16, "avfolder: frames between clip starts; each start is jittered within it")
+    frame_size: int = option(112, "avfolder: side of the square crop fed to the video encoder (paper: 224)")
+    mel_bands: int = option(80, "mel bands of the audio input (Appendix A: 80)")
+    # encoders
+    arch: str = option("resnet18", "encoders: 'resnet18' is 3D-ResNet-18 (torchvision r3d_18) for video, "
+                                   "ResNet-18 with 1D kernels for audio, ResNet-18 for images; 'small' CNNs for CPU",
+                       choices=("resnet18", "small"))
+    dim: int = option(128, "feature dimension C of the contrastive space")
+    mlp: bool = option(False, "MoCo v2 MLP projection head instead of a linear one")
+    fcl: bool = option(True, "the additional FC layer on every encoder, momentum-updated across modalities "
+                             "(--no-fcl: Table 1's 'w/o fcl')")
+    bn_splits: int = option(8, "BatchNorm groups on one device (imitates that many GPUs for shuffle BN); under "
+                               "torchrun each process is one group")
+    # CM-ACC
+    moco_k: int = option(3840, "dictionary size K of each modality (paper: 30 x 128)")
+    pool_size: int = option(38400, "candidate pool size N of each modality, drawn each epoch (paper: 300 x 128)")
+    pool_every: int = option(0, "steps between pool redraws (0: at each epoch start, Alg. 2 lines 6-7); pool keys "
+                                "age until redrawn (see the docstring)")
+    moco_m: float = option(0.999, "momentum m of the key encoders (Eq. 8)")
+    moco_t: float = option(0.7, "softmax temperature tau of the contrastive loss (Eq. 6)")
+    sampling: str = option("active", "negatives: 'active' (k-means++ on gradient embeddings, the paper), 'random' "
+                                     "(XMoCo: the batch's own keys), 'ohem' (top-M loss), 'feature' (k-means++ on "
+                                     "keys)",
+                           choices=("active", "random", "ohem", "feature"))
+    unimodal: bool = option(False, "SMoCo: contrast each modality with itself (two MoCos) instead of across")
+    # optimization
+    epochs: int = option(100, "training epochs (the paper gives none)")
+    batch_size: int = option(128, "global mini-batch size M of pairs (split evenly over processes)")
+    lr: float = option(1e-3, "Adam learning rate gamma, constant after the warm-up")
+    warmup_steps: int = option(500, "linear warm-up steps (Section 5: 500 iterations)")
+    # run
+    seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)")
+    out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
+    resume: str = option("", "checkpoint.pt to continue from (same config)")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs)")
+    log_every: int = option(1, "steps between metrics.jsonl records")
+    knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)")
+    knn_k: int = option(200, "neighbours of the kNN monitor")
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
+    knn_bank_size: int = option(0, "training items in each kNN bank, evenly spaced (0: all)")
+    knn_test_size: int = option(0, "test items each kNN monitor classifies, evenly spaced (0: all)")
+
+
+def learning_rate(step: int, warmup_steps: int, base_lr: float) -> float:
+    """Section 5: Adam at gamma = 1e-3 "after a warm-up period of 500 iterations": linear warm-up, then constant
+    (the paper states no decay)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders, chosen per modality by the dataset's `kinds`
+# ---------------------------------------------------------------------------------------------------------------------
+class SplitBatchNormNd(nn.modules.batchnorm._BatchNorm):
+    """common.SplitBatchNorm for inputs of any rank (BatchNorm1d/2d/3d): training statistics per contiguous group
+    of rows, each group standing for one GPU. Same parameters and buffers as BatchNorm, so state_dicts match."""
+
+    def __init__(self, num_features: int, num_splits: int):
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, rest, s = x.shape[0], x.shape[1], x.shape[2:], self.num_splits
+        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)  # group -> channels
+        running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps)
+        self.running_mean.copy_(running_mean.view(s, c).mean(0))
+        self.running_var.copy_(running_var.view(s, c).mean(0))
+        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(x.shape)
+
+
+def split_batchnorm(net: nn.Module, splits: int) -> nn.Module:
+    """Replace every BatchNorm of a freshly built network by SplitBatchNormNd (nothing to do for one split)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and splits > 1:
+            setattr(net, name, SplitBatchNormNd(child.num_features, splits))
+        else:
+            split_batchnorm(child, splits)
+    return net
+
+
+class BasicBlock1d(nn.Module):
+    def __init__(self, width_in: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(width_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.conv2 = nn.Conv1d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(width)
+        self.shortcut = nn.Identity() if stride == 1 and width_in == width else nn.Sequential(
+            nn.Conv1d(width_in, width, 1, stride, bias=False), nn.BatchNorm1d(width))
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class AudioResNet18(nn.Module):
+    """ResNet-18 with 1D kernels (Section 5): the mel bands are input channels, convolutions run along time."""
+
+    def __init__(self, bands: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(bands, 64, 7, 2, 3, bias=False), nn.BatchNorm1d(64), nn.ReLU(inplace=True))
+        blocks, width_in = [], 64
+        for stage, width in enumerate((64, 128, 256, 512)):
+            for block in range(2):
+                blocks.append(BasicBlock1d(width_in, width, 2 if stage > 0 and block == 0 else 1))
+                width_in = width
+        self.blocks = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.out_dim = 512
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def small_cnn(conv: type, norm: type, pool: nn.Module, channels: int, widths=(32, 64, 128)) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (stride 2 after the first) and global average pooling, for CPU runs."""
+    layers, width_in = [], channels
+    for i, width in enumerate(widths):
+        layers += [conv(width_in, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm(width),
+                   nn.ReLU(inplace=True)]
+        width_in = width
+    net = nn.Sequential(*layers, pool, nn.Flatten())
+    net.out_dim = widths[-1]
+    return net
+
+
+def build_backbone(kind: str, arch: str, in_channels: int, bn_splits: int) -> nn.Module:
+    """The encoder of one modality, `.out_dim` = feature size."""
+    if kind == "image":
+        net = common.build_backbone(arch, "cifar")  # image pairs here are small (28-96 px): 3x3 stem, no max-pool
+    elif kind == "audio":
+        net = (AudioResNet18(in_channels) if arch == "resnet18" else
+               small_cnn(nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d(1), in_channels, (64, 128, 128)))
+    elif arch == "resnet18":  # video
+        import torchvision
+
+        net = torchvision.models.video.r3d_18(weights=None)
+        net.out_dim, net.fc = net.fc.in_features, nn.Identity()
+    else:
+        net = small_cnn(nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d(1), in_channels)
+    return split_batchnorm(net, bn_splits)
+
+
+class Branch(nn.Module):
+    """backbone (what is evaluated and exported) + projection head."""
+
+    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = common.projection_head(backbone.out_dim, dim, mlp)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+class Dictionary(common.Queue):
+    """common.Queue (keys: KxC) plus the dataset index of every entry (ids: K, -1 unknown), to rule the pool
+    candidates already in the dictionary out (Alg. 2 line 12)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__(size, dim)
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        self.ids[(self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.ids.shape[0]] = ids
+        super().enqueue(keys)
+
+
+class Pool(nn.Module):
+    """One modality's candidate pool U (Alg. 2 lines 6-7): keys NxC from the key encoder when the pool was drawn,
+    dataset ids N and labels N (-1 unknown, only counted in the logs). Buffers: a resumed run keeps its pool."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+
+
+class CMACC(nn.Module):
+    """Query encoders f_v, f_a and momentum key encoders h_v, h_a, each with its additional FC layer; dictionaries
+    D_v, D_a and pools U_v, U_a (buffers: saved with the model)."""
+
+    def __init__(self, cfg: Config, kinds: tuple[str, str], in_channels: tuple[int, int], bn_splits: int):
+        super().__init__()
+        self.cfg = cfg
+        # Queries of modality m are contrasted with keys (and the dictionary) of modality partner[m].
+        self.partner = {m: m for m in MODALITIES} if cfg.unimodal else {"v": "a", "a": "v"}
+        self.query = nn.ModuleDict({m: Branch(build_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
+                                    for m, kind, c in zip(MODALITIES, kinds, in_channels)})
+        self.key = copy.deepcopy(self.query).requires_grad_(False)  # h starts as f
+        self.fc_query = nn.ModuleDict({m: nn.Linear(cfg.dim, cfg.dim) if cfg.fcl else nn.Identity()
+                                       for m in MODALITIES})
+        # Sec. 3.3: the FC on the key encoder h_a is a moving average of the FC on f_v (and vice versa), so the pair
+        # that meets in the loss, q^v and k^a, ends in the same layer. Keyed by the key encoder's modality.
+        self.fc_key = nn.ModuleDict({self.partner[m]: copy.deepcopy(self.fc_query[m]) for m in MODALITIES})
+        self.fc_key.requires_grad_(False)
+        self.dictionary = nn.ModuleDict({m: Dictionary(cfg.moco_k, cfg.dim) for m in MODALITIES})
+        pool_size = 0 if cfg.sampling == "random" else cfg.pool_size
+        self.pool = nn.ModuleDict({m: Pool(pool_size, cfg.dim) for m in MODALITIES})
+
+    def encode_keys(self, m: str, x: torch.Tensor, shuffle_bn: bool) -> torch.Tensor:
+        """k = normalize(FC(h_m(x))): NxC, no gradient."""
+        with torch.no_grad():
+            features = (common.encode_with_shuffled_bn(self.key[m], x) if shuffle_bn else self.key[m](x))
+            return F.normalize(self.fc_key[m](features).float(), dim=1)
+
+    def forward(self, views: dict[str, list[torch.Tensor]]):
+        """views[m] = [query view, key view], each Mx... Returns queries q[m] (grad) and keys k[m] (no grad): MxC."""
+        q = {m: F.normalize(self.fc_query[m](self.query[m](views[m][0])).float(), dim=1) for m in MODALITIES}
+        k = {m: self.encode_keys(m, views[m][1], shuffle_bn=True) for m in MODALITIES}  # Alg. 2 line 29
+        return q, k
+
+    @torch.no_grad()
+    def sample_negatives(self, q: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Alg. 2 lines 10-27: for each dictionary, choose M candidates of its pool and enqueue them.
+        Returns the labels of the chosen candidates (-1 unknown) per dictionary."""
+        chosen_labels = {}
+        for m in MODALITIES:
+            pool, dictionary = self.pool[m], self.dictionary[m]
+            # The queries that will meet D_m in the loss, from the whole global batch (every rank the same M).
+            queries = common.concat_all_gather(q[self.partner[m]].detach())  # queries: MxC
+            candidates = (~torch.isin(pool.ids, dictionary.ids)).nonzero().squeeze(1)  # U \ D, line 12
+            generator = torch.Generator(device=queries.device)
+            generator.manual_seed(stream_seed("select", self.cfg.seed, step, m))
+            picked = candidates[select_negatives(self.cfg.sampling, pool.keys[candidates], queries, queries.shape[0],
+                                                 generator)]  # lines 13-17
+            if common.world_size() > 1:
+                dist.broadcast(picked, src=0)  # every rank computed the same picks; rank 0's make it certain
+            dictionary.enqueue(pool.keys[picked], pool.ids[picked])  # line 18
+            chosen_labels[m] = pool.labels[picked]
+        return chosen_labels
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """Eq. (8), and the additional FC layers across modalities (Sec. 3.3)."""
+        for m in MODALITIES:
+            common.momentum_update(self.key[m], self.query[m], self.cfg.moco_m)
+            if self.cfg.fcl:
+                common.momentum_update(self.fc_key[self.partner[m]], self.fc_query[m], self.cfg.moco_m)
+
+    def backbones(self) -> nn.ModuleDict:
+        return nn.ModuleDict({m: self.query[m].backbone for m in MODALITIES})
+
+
+@torch.no_grad()
+def encode_samples(model: CMACC, dataset, indices: torch.Tensor, seeds: torch.Tensor, batch_size: int, workers: int,
+                   device: torch.device) -> tuple[dict, dict, torch.Tensor]:
+    """Key-encode dataset items (Alg. 2 lines 4 and 7) in global batches: rank r encodes its slice of each batch
+    (the slice it would hold in training, so that BatchNorm groups match one process with --bn-splits), then the
+    slices are gathered: every rank returns all keys {m: NxC}, labels {m: N} and ids N, in the order of `indices`.
+    Key encoders stay in training mode, as for the keys of a training step (batch statistics)."""
+    local = batch_size // common.world_size()
+    pairs = list(zip(indices.tolist(), seeds.tolist()))
+    mine = [pair for b in range(0, len(pairs), batch_size)
+            for pair in pairs[b + common.rank() * local:b + (common.rank() + 1) * local]]
+    keys, labels = {m: [] for m in MODALITIES}, {m: [] for m in MODALITIES}
+    for views_v, views_a, label_v, label_a in common.make_loader(dataset, local, workers, device, mine):
+        for m, views, label in (("v", views_v, label_v), ("a", views_a, label_a)):
+            with common.autocast(device):
+                keys[m].append(common.concat_all_gather(model.encode_keys(m, common.to_device(views[1], device),
+                                                                          shuffle_bn=False)))
+            labels[m].append(common.concat_all_gather(label.to(device)))
+    return ({m: torch.cat(keys[m]) for m in MODALITIES}, {m: torch.cat(labels[m]) for m in MODALITIES},
+            indices.to(device))
+
+
+def draw_items(num_items: int, size: int, *stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` distinct dataset indices and their augmentation seeds, from a named random stream."""
+    g = torch.Generator().manual_seed(stream_seed(*stream))
+    return torch.randperm(num_items, generator=g)[:size], torch.randint(0, 2**62, (size,), generator=g)
+
+
+def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
+               views: dict[str, list[torch.Tensor]], labels: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """One step of Algorithm 2 (Algorithm 4 for --sampling random) at a global step; returns what gets logged."""
+    cfg, device = model.cfg, views["v"][0].device
+    lr = learning_rate(step, cfg.warmup_steps, cfg.lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    tic = clock(device)
+    with common.autocast(device):
+        q, k = ddp_model(views)  # lines 11, 20, 29
+    encoded = clock(device)
+    chosen = None if cfg.sampling == "random" else model.sample_negatives(q, step)  # lines 10-27
+    sampled = clock(device)
+    with torch.autocast(device.type, enabled=False):  # line 30, Eq. (6), in fp32
+        losses = {m: contrastive_loss(q[m], k[model.partner[m]], model.dictionary[model.partner[m]].keys, cfg.moco_t)
+                  for m in MODALITIES}
+    optimizer.zero_grad(set_to_none=True)
+    # Each query encoder only reaches its own term, so the sum gives each the gradient of Eq. (7).
+    (losses["v"] + losses["a"]).backward()
+    optimizer.step()  # line 32
+    model.momentum_update()  # line 33
+    if chosen is None:
+        # Alg. 4 lines 13-14 (after the loss, as in MoCo): the whole global batch's keys, so all ranks stay equal.
+        chosen = {m: common.concat_all_gather(labels[m].to(device)) for m in MODALITIES}
+        for m in MODALITIES:
+            keys = common.concat_all_gather(k[m])
+            model.dictionary[m].enqueue(keys, torch.full((keys.shape[0],), -1, dtype=torch.long, device=device))
+    updated = clock(device)
+    # loss_v is the loss of the v queries (direction v -> a, or v -> v' with --unimodal), loss_a the other one.
+    stats = {f"loss_{m}": common.all_reduce_mean(losses[m].detach()).item() for m in MODALITIES}
+    stats.update(loss=stats["loss_v"] + stats["loss_a"], lr=lr, time_encode_s=encoded - tic,
+                 time_sample_s=sampled - encoded, time_update_s=updated - sampled)
+    for m in MODALITIES:
+        if (chosen[m] >= 0).all():
+            # The paper's Figures 2 and 4: distinct classes among the M negatives enqueued this step, over M.
+            stats[f"neg_classes_{m}"] = chosen[m].unique().numel() / chosen[m].numel()
+    return stats
+
+
+def clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU runs ahead: time what it did, not what it was told
+    return time.perf_counter()
+
+
+class PairKnn:
+    """common.KnnMonitor for every labelled modality: bank = training inputs, queries = test inputs (evaluation
+    transforms), the backbone of that modality's query encoder. Main process only, others wait at a barrier."""
+
+    def __init__(self, data: PairData, cfg: Config, device: torch.device):
+        self.loaders = {m: [common.make_loader(common.evenly_spaced_subset(d, n), 256, cfg.workers, device)
+                            for d, n in zip(split, (cfg.knn_bank_size, cfg.knn_test_size))]
+                        for m, split in data.knn.items()}
+        self.num_classes, self.k, self.t, self.device = data.num_classes, cfg.knn_k, cfg.knn_t, device
+
+    def __call__(self, model: CMACC) -> dict[str, float]:
+        top1 = {}
+        if common.is_main():
+            for m, (bank, test) in self.loaders.items():
+                top1[f"knn_top1_{m}"] = common.knn_accuracy(model.query[m].backbone, bank, test, self.num_classes,
+                                                            self.device, self.k, self.t)
+        if common.world_size() > 1:
+            dist.barrier()
+        return top1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop (the same skeleton in every method script)
+# ---------------------------------------------------------------------------------------------------------------------
+def check_config(cfg: Config, num_items: int) -> None:
+    if cfg.batch_size % common.world_size():
+        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
+    if cfg.batch_size > num_items:
+        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_items} pairs)")
+    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
+        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    if cfg.moco_k % cfg.batch_size or cfg.moco_k > num_items:
+        common.fail(f"--moco-k {cfg.moco_k} must be a multiple of --batch-size {cfg.batch_size} (it is encoded in "
+                    f"batches) and at most the dataset size ({num_items} pairs)")
+    if cfg.sampling != "random" and (cfg.pool_size % cfg.batch_size or cfg.pool_size > num_items
+                                     or cfg.pool_size < cfg.moco_k + cfg.batch_size):
+        common.fail(f"--pool-size {cfg.pool_size} must be a multiple of --batch-size {cfg.batch_size}, at least "
+                    f"--moco-k + --batch-size = {cfg.moco_k + cfg.batch_size} (M candidates outside the dictionary) "
+                    f"and at most the dataset size ({num_items} pairs)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = common.parse_config(Config, argv, __doc__)
+    device = common.init_distributed()
+    data = DATASETS[cfg.dataset](cfg)
+    check_config(cfg, len(data.train))
+    config = dataclasses.asdict(cfg)
+
+    common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
+    model = CMACC(cfg, data.kinds, data.in_channels, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1)
+    model = model.to(device)
+    optimizer = torch.optim.Adam([*model.query.parameters(), *model.fc_query.parameters()], lr=cfg.lr)
+    step = 0
+    if cfg.resume:
+        state = common.load_checkpoint(cfg.resume, "moco_acc", config)
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizers"]["encoder"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+    # broadcast_buffers=False: dictionaries and pools are identical on every rank by construction.
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+                 if common.world_size() > 1 else model)
+    run = common.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume))
+
+    sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
+    loader = common.make_loader(data.train, cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    evaluate = PairKnn(data, cfg, device)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if not cfg.resume:  # Alg. 2 lines 3-4: K random items per modality, encoded by the key encoders
+        keys, _, ids = encode_samples(model, data.train, *draw_items(len(data.train), cfg.moco_k, "dictionary",
+                                                                      cfg.seed), cfg.batch_size, cfg.workers, device)
+        for m in MODALITIES:
+            model.dictionary[m].enqueue(keys[m], ids)
+
+    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
+    while step < last_step:
+        epoch, start_batch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch)
+        tic, pairs = time.perf_counter(), 0
+        for views_v, views_a, label_v, label_a in loader:
+            if cfg.sampling != "random" and step % (cfg.pool_every or steps_per_epoch) == 0:  # Alg. 2 lines 6-7
+                keys, labels, ids = encode_samples(model, data.train, *draw_items(len(data.train), cfg.pool_size,
+                                                                                  "pool", cfg.seed, step),
+                                                   cfg.batch_size, cfg.workers, device)
+                for m in MODALITIES:
+                    model.pool[m].keys.copy_(keys[m])
+                    model.pool[m].ids.copy_(ids)
+                    model.pool[m].labels.copy_(labels[m])
+            views = {"v": common.to_device(views_v, device), "a": common.to_device(views_a, device)}
+            stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, step)
+            step += 1
+            common.check_finite(stats["loss"], step)
+            pairs += cfg.batch_size
+            progress.update()
+            progress.set_postfix(loss=f"{stats['loss']:.3f}", sample_ms=f"{1000 * stats['time_sample_s']:.0f}")
+            if step % cfg.log_every == 0:
+                run.log({"step": step, "epoch": epoch, **stats, "pairs_per_s": pairs / (time.perf_counter() - tic)})
+                tic, pairs = time.perf_counter(), 0
+            if step == last_step:
+                break
+        epoch_done = step % steps_per_epoch == 0
+        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
+            top1 = evaluate(model)
+            if top1:
+                run.log({"step": step, "epoch": epoch, **top1})
+                progress.write(f"epoch {epoch} step {step}: kNN top-1 " +
+                               ", ".join(f"{m[-1]} {v:.2f}%" for m, v in top1.items()))
+        common.save_checkpoint(run.checkpoint_path, "moco_acc", config, step, model, {"encoder": optimizer},
+                               model.backbones())
+    progress.close()
+
+
+if __name__ == "__main__":
+    main()
