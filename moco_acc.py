@@ -435,7 +435,7 @@ DATASETS = {"avmnist": load_avmnist, "avfolder": load_avfolder}
 class Config:
     # data
     dataset: str = option("avmnist", "paired data (see the docstring): 'avmnist' digits seen and spoken, "
-                                     "'avfolder' pre-extracted videos", choices=tuple(DATASETS))
+                                     "'avfolder' pre-extracted videos, or any name added to DATASETS")
     data_root: str = option("./data", "dataset folder (avmnist: holds mnist5k/ and fsdd/; avfolder: one folder "
                                       "per video)")
     workers: int = option(4, "data loader processes per training process")
@@ -812,6 +812,8 @@ def check_config(cfg: Config, num_items: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = common.parse_config(Config, argv, __doc__)
     device = common.init_distributed()
+    if cfg.dataset not in DATASETS:  # checked here, not by argparse choices, so other code can add datasets
+        common.fail(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
     data = DATASETS[cfg.dataset](cfg)
     check_config(cfg, len(data.train))
     config = dataclasses.asdict(cfg)

@@ -334,6 +334,7 @@ def test_active_sampling_selects_negatives_of_more_classes_than_random(trained_a
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "20"], "must be a multiple of --batch-size"),
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "16", "--pool-size", "16"],
      "at least --moco-k + --batch-size"),
+    (["--dataset", "kinetics"], "unknown dataset 'kinetics'"),
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "16", "--pool-size", "32",
       "--resume", moco_acc.__file__], "not a checkpoint"),
 ])

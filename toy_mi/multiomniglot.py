@@ -1,0 +1,320 @@
+"""Spatial-MultiOmniglot: how SMoCo, XMoCo and CM-ACC cope as the mutual information I(x;y) grows.
+
+Paper: Ma, Zeng, McDuff, Song, "Active Contrastive Learning of Audio-Visual Video Representations", ICLR 2021,
+Appendix B "Effect of mutual information", Figure 3(a) (../shared/papers/cm_acc_active_contrastive_av.txt), after
+Ozair et al. 2019. Its claim: with 50K training pairs all methods reach ~99% up to 2 characters (e^I = 55, 2,860 is
+below 50K); from 3 characters (e^I = 137,280) plain MoCo (SMoCo) falls sharply, XMoCo beats it up to 5 characters
+and matches it from 6, and CM-ACC stays best by a large margin.
+
+Protocol (numbers are cited in the code as "line N"):
+     1  for c = 1..9:  train, eval = Spatial-MultiOmniglot(c)      # toy_mi/omniglot_data.py: 50K training pairs,
+                                                                    #   drawers 1-15; evaluation pairs, drawers 16-20
+     2      for method in SMoCo, XMoCo, CM-ACC:
+     3          pretrain with moco_acc.main (x is modality v, y is a)  # --unimodal / --sampling random / active
+     4          f = frozen backbone of the x query encoder              # global-average-pooled features
+     5          for i = 1..c: linear classifier features(x) -> z_i on training x's, accuracy on eval x's
+     6          accuracy[c][method] = mean over the c grid positions
+  I(x;y) = sum_i ln l_i nats (4.007 for one character, 34.435 for nine). Chance is 1/l_i (1.8% for one character).
+  A random-initialised backbone is probed the same way ("random init" column) as the floor of line 5.
+
+Choices the paper leaves open, and mine:
+  * Views. moco_acc wants two views of each modality: each is the pair's image with every cell shifted by up to
+    --shift pixels, independently. Without them SMoCo (x against x') would compare an image with itself. The
+    cross-modal methods contrast x's query view with y's key view, so for them the shifts only add noise.
+  * Data layout (grid, drawers, 32 px cells from 105 px by area averaging): see toy_mi/omniglot_data.py.
+  * Encoders: the full protocol uses moco_acc's image ResNet-18 (3x3 stem, no max-pool); --quick the small CNN. The
+    features probed are the backbone's (before the projection head and the additional FC layer).
+  * Probe: logistic regression (common.linear_probe: standardised L2-normalised features, SGD, cosine lr) on the
+    first --probe-train training pairs' x, tested on --num-eval pairs drawn by the held-out drawers.
+  * The paper states no settings for this toy; the defaults are its main experiments' (Section 5: M = 128,
+    K = 30 x 128, N = 300 x 128, m = 0.999, tau = 0.7, Adam 1e-3 after 500 warm-up steps) with 50 epochs (mine).
+
+Commands:
+    python toy_mi/multiomniglot.py --quick --json quick.json       # 1 and 2 characters, small CNN, CPU
+    python toy_mi/multiomniglot.py --json full.json --plot fig3a.png  # 1..9 characters, ResNet-18: one GPU
+    python toy_mi/multiomniglot.py --help                          # every flag, from the Config block below
+  One process (it calls moco_acc.main in-process for every run); each run's directory under --out-dir holds
+  moco_acc's config.json, metrics.jsonl and checkpoint.pt, and a rerun resumes or reuses it. The dataset is cached
+  in --cache-dir. --omniglot also accepts torchvision's PNG download (ROOT/omniglot-py/images_background/...).
+
+Results measured (2-core CPU shared with other jobs, load 4-8, no GPU; torch 2.14; one seed):
+    python toy_mi/multiomniglot.py --quick --json quick.json
+  chars  I(x;y) nats   e^I   random init   SMoCo   XMoCo   CM-ACC      (mean held-out probe accuracy)
+      1        4.007     55        75.4%   92.8%   89.6%    87.2%
+      2        7.959   2860        46.4%   62.3%   53.5%    55.5%
+  Wall time 16 min for all six runs (9.6 CPU-minutes; at that load my process had about half a core). CM-ACC was
+  then rerun alone after --quick got --pool-every 25 (7.5 min, the other runs reused): with the pool drawn once,
+  from the random-initialised key encoder, it had 85.6% and 55.8%, and its loss fell to 1.2 while XMoCo's stayed
+  at 11 (stale, easy negatives). Every method beats the random encoder; 100 steps are far too few for the paper's
+  ~99% at 1-2 characters, and at this size SMoCo leads, unlike Fig. 3(a). Nothing from 3 characters on (where the
+  paper's effect lives) has been run: that is the full protocol, for a GPU (not run; by my estimate several
+  GPU-hours for 9 x 3 runs of ResNet-18 over 50 epochs of 50K pairs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+# `python toy_mi/multiomniglot.py` puts toy_mi/ on sys.path, not the repo root where moco_acc.py lives.
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+import moco_acc  # noqa: E402
+from common import option  # noqa: E402
+
+sys.path.insert(0, str(REPO / "toy_mi"))
+import omniglot_data  # noqa: E402
+
+DATASET = "multiomniglot"  # the name this script registers in moco_acc.DATASETS
+METHODS = {"smoco": ["--unimodal", "--sampling", "random"],  # two MoCos, x against x' and y against y'
+           "xmoco": ["--sampling", "random"],  # x against y, the dictionary holds the batch's own keys
+           "cmacc": ["--sampling", "active"]}  # x against y, the dictionary holds actively sampled keys
+NAMES = {"init": "random init", "smoco": "SMoCo", "xmoco": "XMoCo", "cmacc": "CM-ACC"}
+MEAN, STD = 0.086, 0.245  # ink fraction of the nine alphabets' 32 px glyphs, all characters and drawers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: every field is a flag; its help text and default come from here and nowhere else.
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    # data (toy_mi/omniglot_data.py)
+    omniglot: str = option(str(REPO.parent / "shared" / "data" / "omniglot"),
+                           "Omniglot: a folder with images_background.npz + alphabets.json, or torchvision's PNG "
+                           "download (ROOT, ROOT/omniglot-py or its images_background folder)")
+    cache_dir: str = option("~/.cache/negsampling/multiomniglot", "where built datasets are cached (.pt files)")
+    characters: tuple[int, ...] = option((1, 2, 3, 4, 5, 6, 7, 8, 9), "numbers of characters c to run (1..9)")
+    num_train: int = option(50000, "training pairs, drawers 1-15 (the paper: 50K)")
+    num_eval: int = option(10000, "evaluation pairs, held-out drawers 16-20 (probe test set)")
+    shift: int = option(2, "view augmentation: every 32 px cell moves by up to this many pixels, per view")
+    # pretraining: forwarded to moco_acc.py
+    methods: tuple[str, ...] = option(tuple(METHODS), "methods to pretrain", choices=tuple(METHODS))
+    arch: str = option("resnet18", "encoders (moco_acc --arch): image ResNet-18 or the small CPU CNN",
+                       choices=("resnet18", "small"))
+    batch_size: int = option(128, "mini-batch M of pairs")
+    moco_k: int = option(3840, "dictionary size K per modality")
+    pool_size: int = option(38400, "CM-ACC candidate pool N per modality")
+    pool_every: int = option(0, "CM-ACC: steps between pool redraws (0: at each epoch start, Alg. 2 lines 6-7)")
+    moco_t: float = option(0.7, "temperature tau of the contrastive loss (Section 5: 0.7)")
+    moco_m: float = option(0.999, "momentum of the key encoders")
+    lr: float = option(1e-3, "Adam learning rate after the warm-up")
+    warmup_steps: int = option(500, "linear warm-up steps")
+    epochs: int = option(50, "pretraining epochs over the training pairs")
+    max_steps: int = option(0, "stop every pretraining at this step (0: all epochs)")
+    bn_splits: int = option(8, "BatchNorm groups standing for GPUs (shuffle BN on one device)")
+    workers: int = option(4, "data loader processes")
+    # probe
+    probe_train: int = option(10000, "training pairs whose x trains the per-position linear classifiers")
+    probe_epochs: int = option(100, "epochs of each linear classifier")
+    probe_lr: float = option(0.1, "SGD learning rate of the linear classifiers (cosine decay)")
+    # run
+    quick: bool = option(False, "CPU-sized run: flags left at their defaults take the QUICK values instead")
+    seed: int = option(0, "seed of the dataset, the pretraining and the probes")
+    out_dir: str = option("runs/multiomniglot", "one moco_acc run directory per (c, method) under here")
+    json: str = option("", "write {'results': [{'characters', 'mi_nats', 'smoco', 'xmoco', 'cmacc'} + 'e_mi' "
+                           "(e^I) and 'init' (random encoder), ...]} here, accuracies in [0, 1]")
+    plot: str = option("", "save accuracy against characters here (needs matplotlib; skipped without it)")
+
+
+# --quick: 1 and 2 characters, 3,200 training pairs, the small CNN, one epoch of 100 steps of 32 pairs per run
+# (about 10 CPU-minutes in all; 16 minutes of wall time on the shared 2-core machine). tau = 0.2: at the paper's
+# 0.7 the small CNN's features barely move in so few steps. The CM-ACC pool is redrawn every 25 steps: drawn once
+# per epoch, the single epoch would pick every negative from keys of the random-initialised encoder (its loss then
+# fell to 1.2 against 11 for XMoCo: easy negatives).
+QUICK = {"characters": (1, 2), "num_train": 3200, "num_eval": 1000, "arch": "small", "batch_size": 32,
+         "moco_k": 512, "pool_size": 1024, "pool_every": 25, "moco_t": 0.2, "moco_m": 0.99, "warmup_steps": 10,
+         "epochs": 1, "bn_splits": 4, "workers": 0, "probe_train": 3000, "probe_epochs": 30}
+
+
+def resolve_quick(cfg: Config) -> Config:
+    """With --quick, every field still at its default takes its QUICK value; flags given explicitly win."""
+    if not cfg.quick:
+        return cfg
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == defaults[k]})
+
+
+def check_config(cfg: Config) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        common.fail("run this sweep as one process (it calls moco_acc.main in-process for each run)")
+    most = len(omniglot_data.ALPHABETS)
+    if not cfg.characters or any(not 1 <= c <= most for c in cfg.characters):
+        common.fail(f"--characters {' '.join(map(str, cfg.characters))}: each must be 1..{most}")
+    if not 0 < cfg.probe_train <= cfg.num_train:
+        common.fail(f"--probe-train {cfg.probe_train} must be 1..--num-train ({cfg.num_train})")
+    if cfg.num_eval < 1 or cfg.shift < 0:
+        common.fail(f"--num-eval {cfg.num_eval} must be positive and --shift {cfg.shift} non-negative")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spatial-MultiOmniglot as moco_acc's paired data: x is modality v, y is modality a
+# ---------------------------------------------------------------------------------------------------------------------
+def to_input(image: torch.Tensor) -> torch.Tensor:
+    """uint8 HxW ink -> 3xHxW standardised, the RGB input of moco_acc's image encoders."""
+    return ((image.float() / 255 - MEAN) / STD).expand(3, -1, -1)
+
+
+def shifted(cells: torch.Tensor, shift: int) -> torch.Tensor:
+    """c x 32 x 32 -> every cell translated by its own (dy, dx) in [-shift, shift], zeros moving in (torch RNG)."""
+    if shift == 0:
+        return cells
+    padded = F.pad(cells, (shift, shift, shift, shift))  # c x (32+2s) x (32+2s)
+    offsets = torch.randint(0, 2 * shift + 1, (cells.shape[0], 2)).tolist()
+    return torch.stack([p[dy:dy + omniglot_data.CELL, dx:dx + omniglot_data.CELL]
+                        for p, (dy, dx) in zip(padded, offsets)])
+
+
+class PairViews(torch.utils.data.Dataset):
+    """moco_acc's PairData.train: (index, seed) -> ([x, x'], [y, y'], z_1, (z_1 + 1) mod l_1), two shifted views
+    of each image of pair `index`, every random choice a function of `seed` (exact resume). The labels (first
+    character) only feed moco_acc's count of distinct classes among the chosen negatives."""
+
+    def __init__(self, split: omniglot_data.MultiOmniglot, shift: int):
+        self.split, self.shift = split, shift
+
+    def __len__(self):
+        return len(self.split)
+
+    def views(self, characters: torch.Tensor, drawer: int) -> list[torch.Tensor]:
+        cells = self.split.cells(characters, drawer)
+        return [to_input(self.split.tile(shifted(cells, self.shift))) for _ in range(2)]
+
+    def __getitem__(self, index_and_seed: tuple[int, int]):
+        index, seed = index_and_seed
+        s = self.split
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views_x = self.views(s.z[index], int(s.d_x[index]))
+            views_y = self.views(s.z_y[index], int(s.d_y[index]))
+        return views_x, views_y, int(s.z[index, 0]), int(s.z_y[index, 0])
+
+
+class XImages(torch.utils.data.Dataset):
+    """Probe input: index -> (unshifted x, its characters z: c)."""
+
+    def __init__(self, split: omniglot_data.MultiOmniglot, size: int):
+        self.split, self.size = split, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i: int):
+        return to_input(self.split.x(i)), self.split.z[i]
+
+
+def register(train: omniglot_data.MultiOmniglot, shift: int) -> None:
+    """Plug the training split into moco_acc as --dataset multiomniglot (a loader function in DATASETS)."""
+    moco_acc.DATASETS[DATASET] = lambda _cfg: moco_acc.PairData(
+        PairViews(train, shift), kinds=("image", "image"), in_channels=(3, 3), num_classes=train.sizes[0], knn={})
+
+
+def pretrain_argv(cfg: Config, method: str, run_dir: Path) -> list[str]:
+    """moco_acc.py flags of one run (line 3); --resume continues or reuses a run already in run_dir."""
+    argv = ["--dataset", DATASET, "--arch", cfg.arch, "--batch-size", str(cfg.batch_size),
+            "--moco-k", str(cfg.moco_k), "--pool-size", str(cfg.pool_size), "--moco-t", str(cfg.moco_t),
+            "--moco-m", str(cfg.moco_m), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps),
+            "--epochs", str(cfg.epochs), "--max-steps", str(cfg.max_steps), "--bn-splits", str(cfg.bn_splits),
+            "--workers", str(cfg.workers), "--seed", str(cfg.seed), "--out-dir", str(run_dir),
+            "--knn-every", "0", "--log-every", "10", *METHODS[method]]
+    if "active" in METHODS[method]:  # only where a pool exists, so the other runs' configs never change with it
+        argv += ["--pool-every", str(cfg.pool_every)]
+    if (run_dir / "checkpoint.pt").is_file():
+        argv += ["--resume", str(run_dir / "checkpoint.pt")]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: one linear classifier per grid position on the frozen x backbone (lines 4-6)
+# ---------------------------------------------------------------------------------------------------------------------
+def x_backbone(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
+    """The x query encoder's backbone (moco_acc's modality v) from a checkpoint, or freshly initialised."""
+    backbone = moco_acc.build_backbone("image", cfg.arch, 3, bn_splits=1)
+    if checkpoint is not None:
+        saved = common.load_checkpoint(str(checkpoint), "moco_acc")["backbone"]  # ModuleDict {v, a}
+        backbone.load_state_dict({k[2:]: v for k, v in saved.items() if k.startswith("v.")}, strict=True)
+    return backbone
+
+
+def probe_accuracy(backbone: torch.nn.Module, train: omniglot_data.MultiOmniglot,
+                   evaluation: omniglot_data.MultiOmniglot, cfg: Config, device: torch.device) -> float:
+    """Line 5-6: mean over positions of the held-out accuracy of a linear classifier, in [0, 1]."""
+    backbone = backbone.to(device)
+    loaders = [common.make_loader(XImages(split, size), 256, cfg.workers, device)
+               for split, size in ((train, cfg.probe_train), (evaluation, cfg.num_eval))]
+    (train_f, train_z), (test_f, test_z) = (common.extract_features(backbone, loader, device) for loader in loaders)
+    # train_f: P x D, train_z: P x c; test_f: E x D, test_z: E x c
+    accuracies = [common.linear_probe(train_f, train_z[:, i], test_f, test_z[:, i], l, cfg.probe_epochs,
+                                      cfg.probe_lr, seed=cfg.seed) for i, l in enumerate(train.sizes)]
+    return sum(accuracies) / len(accuracies) / 100
+
+
+def format_table(results: list[dict], columns: list[str]) -> str:
+    lines = [f"{'chars':>5} {'I(x;y) nats':>11} {'e^I':>9} " + " ".join(f"{NAMES[m]:>11}" for m in columns)]
+    for r in results:
+        lines.append(f"{r['characters']:>5} {r['mi_nats']:>11.3f} {r['e_mi']:>9.3g} "
+                     + " ".join(f"{100 * r[m]:>10.1f}%" for m in columns))
+    return "\n".join(lines)
+
+
+def save_plot(results: list[dict], columns: list[str], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in columns:
+        ax.plot([r["characters"] for r in results], [100 * r[m] for r in results], marker="o", label=NAMES[m])
+    ax.set_xlabel("characters (I(x;y) = sum ln l_i)")
+    ax.set_ylabel("probe accuracy (%)")
+    ax.set_title("Spatial-MultiOmniglot (CM-ACC Fig. 3a)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot written to {path}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = resolve_quick(common.parse_config(Config, argv, __doc__))
+    check_config(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    results = []
+    for c in cfg.characters:  # line 1
+        train, evaluation = omniglot_data.load_or_build(cfg.omniglot, c, cfg.num_train, cfg.num_eval, cfg.seed,
+                                                        cfg.cache_dir)
+        register(train, cfg.shift)
+        row = {"characters": c, "mi_nats": train.mutual_information, "e_mi": float(torch.tensor(train.sizes).prod())}
+        common.seed_everything(cfg.seed)
+        row["init"] = probe_accuracy(x_backbone(cfg, None), train, evaluation, cfg, device)
+        for method in cfg.methods:  # line 2
+            run_dir = Path(cfg.out_dir) / f"c{c}" / method
+            moco_acc.main(pretrain_argv(cfg, method, run_dir))  # line 3
+            row[method] = probe_accuracy(x_backbone(cfg, run_dir / "checkpoint.pt"), train, evaluation, cfg,
+                                         device)  # lines 4-6
+        results.append(row)
+        print(f"{c} character(s), I(x;y) = {row['mi_nats']:.3f} nats: "
+              + ", ".join(f"{NAMES[m]} {100 * row[m]:.1f}%" for m in ("init", *cfg.methods)), flush=True)
+    wall_s = time.perf_counter() - start
+    columns = ["init", *cfg.methods]
+    print(format_table(results, columns))
+    print(f"{len(cfg.characters)} x {len(cfg.methods)} runs in {wall_s:.0f} s on {device.type}")
+    output = {"results": results, "config": dataclasses.asdict(cfg), "wall_s": wall_s}
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(output, indent=2) + "\n")
+    if cfg.plot:
+        save_plot(results, columns, cfg.plot)
+    return output
+
+
+if __name__ == "__main__":
+    main()
