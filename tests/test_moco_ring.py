@@ -122,10 +122,12 @@ def test_resume_continues_exactly(tmp_path):
 
 @needs_cifar
 def test_short_cpu_run_learns_on_real_images(tmp_path):
-    """kNN top-1 on CIFAR-10 JPEGs after a short run is clearly above the same encoder at random init."""
+    """kNN top-1 on CIFAR-10 JPEGs after a short run is clearly above the same encoder at random init. The ring is
+    annealed over the first epoch, so the second trains on the 90-99 ring itself. Measured on the 2-core CPU:
+    30.9% -> 37.9% in 75 s."""
     args = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "2",
-            "--batch-size", "128", "--moco-k", "1024", "--epochs", "1", "--max-steps", "120",
-            "--knn-bank-size", "4000", "--knn-test-size", "1000", "--out-dir", str(tmp_path)]
+            "--batch-size", "128", "--moco-k", "1024", "--epochs", "2", "--max-steps", "300", "--anneal-epochs", "1",
+            "--knn-every", "0", "--knn-bank-size", "4000", "--knn-test-size", "1000", "--out-dir", str(tmp_path)]
     cfg = common.parse_config(moco_ring.Config, args)
     data = common.load_image_data(cfg.dataset, cfg.data_root)
     common.seed_everything(cfg.seed)
@@ -134,7 +136,7 @@ def test_short_cpu_run_learns_on_real_images(tmp_path):
     before = monitor(untrained.encoder_q.backbone)
     moco_ring.main(args)
     after = read_metrics(tmp_path)[-1]["knn_top1"]
-    print(f"kNN top-1: random init {before:.1f}%, after 120 steps {after:.1f}%")
+    print(f"kNN top-1: random init {before:.1f}%, after 300 steps {after:.1f}%")
     assert after > before + 5.0
 
 
