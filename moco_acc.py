@@ -397,7 +397,8 @@ class VideoClips(torch.utils.data.Dataset):
         return clip.transpose(0, 1).contiguous()  # 3xTxSxS, the layout of torchvision's video models
 
     def __getitem__(self, index_and_seed):
-        from torchvision.io import decode_jpeg, read_file
+        from PIL import Image  # torchvision.io's decoders are deprecated from torchvision 0.29; PIL is everywhere
+        from torchvision.transforms.functional import pil_to_tensor
 
         index, seed = index_and_seed
         video, start = self.items[index]
@@ -406,7 +407,8 @@ class VideoClips(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             start = min(start + int(torch.randint(0, cfg.clip_stride, ())), len(frame_paths) - cfg.clip_frames)
-            frames = torch.stack([decode_jpeg(read_file(str(p))) for p in frame_paths[start:start + cfg.clip_frames]])
+            frames = torch.stack([pil_to_tensor(Image.open(p).convert("RGB"))
+                                  for p in frame_paths[start:start + cfg.clip_frames]])  # Tx3xHxW uint8
             views_v = [self.augment(frames) for _ in range(2)]
             rate = self.rates[video]
             first, length = round(start / cfg.fps * rate), round(cfg.clip_frames / cfg.fps * rate)

@@ -36,7 +36,15 @@ Run:
     torchrun --nproc_per_node=4 moco_ring.py --batch-size 512      # 4 GPUs (global batch 512), or 4 CPU processes
     python common.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
 
-Results measured (see README.md for every command and machine): RESULTS_PLACEHOLDER
+Results measured (2-core CPU, no GPU, torch 2.14.1; README.md has every command):
+- ring_loss equals a naive per-query loop at five ring widths and MoCo's InfoNCE bit for bit at (0, 100);
+  1 process with --bn-splits 2 and 2 gloo processes give the same first-step loss (0.0713495); resume is exact.
+- Small CNN on the CIFAR-10 JPEGs, 300 steps of batch 128, ring annealed to [90, 99] over the first 156:
+  kNN top-1 30.9% (random init) -> 37.9% (tests/test_moco_ring.py, 75 s).
+- Step throughput, small CNN, batch 256, K 4096 (python benchmark.py ring --steps 20): MoCo v2 845 images/s,
+  MoCoRing 817, x0.966.
+- Not yet measured: CIFAR-10/100, STL-10 ResNet-18 runs of the paper's length (need a GPU). The paper's Table 1:
+  MoCo 83.1 -> MoCoRing 86.1 on CIFAR-10 (linear probe); MoCo's CIFAR demo: kNN 82.6 at 200 epochs.
 """
 from __future__ import annotations
 

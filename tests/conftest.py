@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout (never copied into the repo)
@@ -37,3 +39,18 @@ def pytest_configure(config):
 
 
 needs_cifar = pytest.mark.skipif(not CIFAR_JPG.is_dir(), reason="../shared/data/cifar10-jpg not found")
+
+
+def unit(*shape, seed=0, dtype=torch.float32):
+    """Random rows of unit length (the normalized embeddings every loss here takes), from a private generator."""
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=-1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for in-process training runs, as run_script gives every subprocess: on two busy cores, two
+    threads per process wait on each other at every parallel region (measured: steps up to 30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,14 +10,15 @@ import torchvision
 
 import adco
 import common
+import conftest
 from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script
 
 SMALL_RUN = ["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "32", "--bank-size", "96",
              "--knn-bank-size", "64", "--knn-test-size", "32"]
 
 
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+def unit(*shape, seed=0):  # float64: the gradients are compared with hand-written formulas
+    return conftest.unit(*shape, seed=seed, dtype=torch.float64)
 
 
 def raw_bank(K, C, seed=3):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import common
 import mmcl
+import conftest
 from conftest import CIFAR_JPG, ROOT, needs_cifar, read_metrics, run_script
 
 INF = float("inf")
@@ -23,8 +24,8 @@ SMALL_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "sm
              "--batch-size", "32", "--knn-bank-size", "200", "--knn-test-size", "100"]
 
 
-def unit(*shape, seed=0, dtype=torch.float64):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=-1)
+def unit(*shape, seed=0, dtype=torch.float64):  # float64 by default: the solver tests compare to exact optima
+    return conftest.unit(*shape, seed=seed, dtype=dtype)
 
 
 def scalar_kernel(a, b, kind, sigma2=0.5, gamma=1.0, eta=0.0):
@@ -326,15 +327,6 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
         assert one[1][key] == pytest.approx(two[1][key], rel=1e-4), key
     assert 0 < one[0]["sv_frac"] <= 1 and 0 < one[0]["bound_frac"] and one[0]["pgd_iters"] >= 1
     assert "knn_top1" in one[-1] and "knn_top1" in two[-1]
-
-
-@pytest.fixture
-def one_thread():
-    """In-process training runs on one thread, as the script runs get (two threads on a busy 2-core box crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @needs_cifar

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import common
 import moco_acc
-from conftest import DATA, read_metrics, run_script
+from conftest import DATA, read_metrics, run_script, unit
 
 AV_CLIPS = DATA / "av-clips"
 needs_avmnist = pytest.mark.skipif(not (DATA / "mnist5k").is_dir() or not (DATA / "fsdd").is_dir(),
@@ -26,18 +26,8 @@ AVFOLDER = ["--dataset", "avfolder", "--data-root", str(AV_CLIPS), "--arch", "sm
             "--frame-size", "32", "--warmup-steps", "5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs get one thread, as run_script gives every subprocess: on two busy cores, two threads per
-    process wait on each other at every parallel region (I measured steps 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

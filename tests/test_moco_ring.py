@@ -9,14 +9,11 @@ import torch.nn.functional as F
 
 import common
 import moco_ring
-from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script
+from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script, unit
 
 SMALL_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
              "--batch-size", "32", "--moco-k", "256", "--knn-bank-size", "200", "--knn-test-size", "100"]
 
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def naive_ring_loss(q, k, queue, t, lower, upper):

@@ -10,24 +10,15 @@ import torch.nn.functional as F
 
 import common
 import moco_taxonomy as mt
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, unit
 
 # A small model on a small synthetic set: every run below takes seconds on one CPU core.
 TINY = ["--synthetic-size", "200", "--frames", "16", "--width", "32", "--dim", "16", "--batch-size", "16",
         "--moco-k", "64", "--moco-k-dec", "32", "--probe-epochs", "0", "--knn-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The recurrent nets here are tiny: one thread runs them fastest, and the CI machine has two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def randn(*shape, seed=0):
