@@ -95,6 +95,14 @@ def init_distributed() -> torch.device:
     return device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly at the end of a script: wait for every rank (rank 0 may still be writing the
+    checkpoint), then destroy the group, so no rank exits while another still talks to it. No-op alone."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

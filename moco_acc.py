@@ -888,3 +888,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    common.shutdown_distributed()

@@ -691,3 +691,4 @@ if __name__ == "__main__":
         taxonomy(sys.argv[2:])
     else:
         main()
+    common.shutdown_distributed()
