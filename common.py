@@ -178,27 +178,31 @@ def encode_with_shuffled_bn(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed over `num_splits` groups of the batch, as if each group
-    were on its own GPU (MoCo's CIFAR demo). Same parameters and buffers as BatchNorm2d, so state_dicts match."""
+    were on its own GPU (MoCo's CIFAR demo). Same parameters and buffers as BatchNorm2d, so state_dicts match.
+    Any input of shape N x C x ... works (1-D audio, 2-D images, 3-D video), so it replaces BatchNorm1d/2d/3d."""
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
         super().__init__(num_features, **kwargs)
         self.num_splits = num_splits
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an N x C x ... input, got {x.dim()}-D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
-        s = self.num_splits
+        n, c, rest, s = x.shape[0], x.shape[1], x.shape[2:], self.num_splits
         # Fold the groups into channels so each (group, channel) pair gets its own mean and variance. Group g is
         # the contiguous rows [g*n/s, (g+1)*n/s), exactly the slice rank g would hold under DDP (MoCo's demo
         # interleaves rows instead), so one device with s splits computes what s processes compute.
-        grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
         running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
         out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(s), self.bias.repeat(s),
                            True, self.momentum, self.eps)
         self.running_mean.copy_(running_mean.view(s, c).mean(0))
         self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,11 +445,16 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
+def evenly_spaced_indices(n: int, size: int) -> torch.Tensor:
+    """`size` indices spread over range(n) (every class of a sorted ImageFolder); all n for size 0."""
+    return torch.arange(n) if size <= 0 or size >= n else torch.linspace(0, n - 1, size).long()
+
+
 def evenly_spaced_subset(dataset, size: int):
-    """`size` samples spread over the whole dataset (every class of a sorted ImageFolder); all of it for size 0."""
+    """`size` samples spread over the whole dataset; all of it for size 0."""
     if size <= 0 or size >= len(dataset):
         return dataset
-    return torch.utils.data.Subset(dataset, torch.linspace(0, len(dataset) - 1, size).long().tolist())
+    return torch.utils.data.Subset(dataset, evenly_spaced_indices(len(dataset), size).tolist())
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:

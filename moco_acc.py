@@ -495,36 +495,11 @@ def learning_rate(step: int, warmup_steps: int, base_lr: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Encoders, chosen per modality by the dataset's `kinds`
 # ---------------------------------------------------------------------------------------------------------------------
-class SplitBatchNormNd(nn.modules.batchnorm._BatchNorm):
-    """common.SplitBatchNorm for inputs of any rank (BatchNorm1d/2d/3d): training statistics per contiguous group
-    of rows, each group standing for one GPU. Same parameters and buffers as BatchNorm, so state_dicts match."""
-
-    def __init__(self, num_features: int, num_splits: int):
-        super().__init__(num_features)
-        self.num_splits = num_splits
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.num_splits == 1:
-            return super().forward(x)
-        n, c, rest, s = x.shape[0], x.shape[1], x.shape[2:], self.num_splits
-        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)  # group -> channels
-        running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps)
-        self.running_mean.copy_(running_mean.view(s, c).mean(0))
-        self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(x.shape)
-
-
 def split_batchnorm(net: nn.Module, splits: int) -> nn.Module:
-    """Replace every BatchNorm of a freshly built network by SplitBatchNormNd (nothing to do for one split)."""
+    """Replace every BatchNorm of a freshly built network by common.SplitBatchNorm (nothing to do for one split)."""
     for name, child in net.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and splits > 1:
-            setattr(net, name, SplitBatchNormNd(child.num_features, splits))
+            setattr(net, name, common.SplitBatchNorm(child.num_features, splits))
         else:
             split_batchnorm(child, splits)
     return net

@@ -93,8 +93,8 @@ def ring_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     lo, hi = ring_bounds(num_entries, lower, upper)
     if (lo, hi) != (0, num_entries):
         # Alg. 1 lines 5-7: sort each query's similarities and keep ranks [lo, hi) counted from the farthest. Only
-        # the K-lo closest are needed, so a top-k (closest first) replaces the full sort: 4x faster at w_l = 90
-        # on a CPU. Gradients flow back through `values` to the entries kept.
+        # the K-lo closest are needed, so a top-k (closest first) replaces the full sort: 31 vs 137 ms forward +
+        # backward for 256 x 4096 similarities at w_l = 90 on the 2-core CPU. Gradients flow back through `values` to the entries kept.
         closest_first = l_neg.topk(num_entries - lo, dim=1).values  # Nx(K-lo), descending similarity
         l_neg = closest_first[:, num_entries - hi:]  # l_neg: Nx(hi-lo), the ring
     # Line 8. The paper's listing writes logsumexp(ring) alone; Theorem 3.1's estimator (and the public code) keeps

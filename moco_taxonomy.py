@@ -532,17 +532,13 @@ def encode(encoder: SequenceEncoder, sequences: torch.Tensor, device: torch.devi
     return h
 
 
-def evenly_spaced(n: int, size: int) -> torch.Tensor:
-    return torch.arange(n) if size <= 0 or size >= n else torch.linspace(0, n - 1, size).long()
-
-
 def evaluate(encoder: SequenceEncoder, data: SequenceData, cfg: Config, device: torch.device) -> dict | None:
     """kNN top-1 and linear-probe top-1 (%) of the test split, and the total variance of the unit-normalized test
     features (1 - |mean|^2; near 0 means collapse). On the main process; None elsewhere."""
     result = None
     if common.is_main():
-        bank_idx = evenly_spaced(len(data.train), cfg.knn_bank_size)
-        test_idx = evenly_spaced(len(data.test), cfg.knn_test_size)
+        bank_idx = common.evenly_spaced_indices(len(data.train), cfg.knn_bank_size)
+        test_idx = common.evenly_spaced_indices(len(data.test), cfg.knn_test_size)
         train_h, test_h = encode(encoder, data.train[bank_idx], device), encode(encoder, data.test[test_idx], device)
         train_y, test_y = data.train_labels[bank_idx].to(device), data.test_labels[test_idx].to(device)
         bank, queries = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)

@@ -115,7 +115,7 @@ def test_contrastive_loss_equals_a_naive_per_query_loop():
 @pytest.mark.parametrize("shape", [(8, 3, 10), (8, 3, 4, 5, 5), (8, 3, 6, 6)])
 def test_split_batchnorm_normalizes_each_contiguous_group_on_its_own(shape):
     x = torch.randn(*shape)
-    bn = moco_acc.SplitBatchNormNd(3, 2)
+    bn = common.SplitBatchNorm(3, 2)
     out = bn(x)
     reference = torch.cat([F.batch_norm(part, None, None, training=True) for part in x.chunk(2)])
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
@@ -127,7 +127,7 @@ def test_split_batchnorm_normalizes_each_contiguous_group_on_its_own(shape):
 def test_every_encoder_maps_its_modality_to_one_feature_vector(kind, shape, arch):
     net = moco_acc.build_backbone(kind, arch, shape[1], bn_splits=2)  # r3d_18, ResNet-18 1D, ResNet-18, small CNNs
     assert net(torch.randn(*shape)).shape == (4, net.out_dim)
-    assert any(isinstance(m, moco_acc.SplitBatchNormNd) for m in net.modules())
+    assert any(isinstance(m, common.SplitBatchNorm) for m in net.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
