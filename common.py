@@ -20,7 +20,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, NamedTuple, Sequence, get_args, get_origin, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -38,9 +38,45 @@ def fail(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: one typed dataclass per script; its fields become the argparse flags
 # ---------------------------------------------------------------------------------------------------------------------
-def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
-    """A config field whose default and help text live in one place (the help shows the default itself)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+class Check(NamedTuple):
+    """What a valid value of a flag is: `accepts(value)` and the rule in words, for the help and the error line."""
+    accepts: Callable[[Any], bool]
+    rule: str
+
+
+def _number_check(test: Callable[[float], bool], rule: str, allow_inf: bool) -> Check:
+    # NaN fails every comparison, so it is refused by construction; inf only where a flag gives it a meaning.
+    return Check(lambda v: not math.isnan(v) and (allow_inf or not math.isinf(v)) and test(v), rule)
+
+
+def at_least(low: float, allow_inf: bool = False) -> Check:
+    return _number_check(lambda v: v >= low, f">= {low}", allow_inf)
+
+
+def greater_than(low: float, allow_inf: bool = False) -> Check:
+    return _number_check(lambda v: v > low, f"> {low}", allow_inf)
+
+
+def between(low: float, high: float, include_high: bool = True) -> Check:
+    """low <= value <= high, or low <= value < high with include_high=False (a momentum must stay below 1)."""
+    if include_high:
+        return _number_check(lambda v: low <= v <= high, f"in [{low}, {high}]", False)
+    return _number_check(lambda v: low <= v < high, f"in [{low}, {high})", False)
+
+
+def each(check: Check) -> Check:
+    """For tuple flags: every item must pass `check`."""
+    return Check(lambda values: all(check.accepts(v) for v in values), f"each {check.rule}")
+
+
+POSITIVE = greater_than(0)
+NON_NEGATIVE = at_least(0)
+
+
+def option(default: Any, help: str, choices: Sequence[Any] | None = None, check: Check | None = None) -> Any:
+    """A config field whose default, help text and valid range live in one place (the help shows the default and
+    the rule; `parse_config` refuses a value outside it with one error line, before anything is touched)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -53,7 +89,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def parse_config(config_class: type, argv: Sequence[str] | None = None, description: str | None = None):
     """Turn a config dataclass into argparse flags (`batch_size` -> `--batch-size`), parse, return an instance.
 
-    Unknown flags and wrong types are rejected by argparse; booleans get `--flag / --no-flag`.
+    Unknown flags and wrong types are rejected by argparse; booleans get `--flag / --no-flag`; a value outside its
+    field's `check` is rejected the same way (exit 2, one line), before any file or process group is touched.
     """
     parser = OneLineErrorParser(description=(description or "").split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,6 +98,9 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind, help, choices = hints[field.name], field.metadata["help"], field.metadata.get("choices")
+        check = field.metadata.get("check")
+        if check is not None:
+            help = f"{help} ({check.rule})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
         elif get_origin(kind) is tuple:  # tuple[float, ...]: `--flag 1 2 3`
@@ -71,6 +111,11 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
             parser.add_argument(flag, type=kind, default=field.default, help=help, choices=choices,
                                 metavar=None if choices else kind.__name__.upper())
     values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
+    for field in dataclasses.fields(config_class):
+        check = field.metadata.get("check")
+        if check is not None and not check.accepts(values[field.name]):
+            value = " ".join(map(str, values[field.name])) if isinstance(values[field.name], tuple) else values[field.name]
+            parser.error(f"argument --{field.name.replace('_', '-')}: {value} is out of range (must be {check.rule})")
     return config_class(**values)
 
 
