@@ -1,11 +1,13 @@
 """What the method scripts share: config, distributed helpers, encoders, queue, momentum update, augmentations,
-datasets, kNN / linear-probe evaluation, run directory and checkpoints.
+datasets, kNN / linear-probe evaluation, run directory and checkpoints, and two commands on finished runs.
 
 Every method script (moco_ring.py, adco.py, mmcl.py, moco_acc.py) keeps its own paper's algorithm, loss and
 training loop; this module is the toolbox under them. Nothing heavy happens at import.
 
 Linear probe on any saved checkpoint (frozen backbone, features cached once, logistic regression on top):
     python common.py probe runs/moco_ring/checkpoint.pt --epochs 100
+Curves of any runs, one line per run (needs matplotlib, which training does not):
+    python common.py plot runs/moco_ring runs/adco --out curves.png
 """
 from __future__ import annotations
 
@@ -752,7 +754,83 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"], "linear_top1": round(top1, 2)}))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Curves entry point: python common.py plot RUN_DIR [RUN_DIR ...] --out curves.png
+# ---------------------------------------------------------------------------------------------------------------------
+BOOKKEEPING_KEYS = ("step", "epoch", "lr", "images_per_s")  # logged every step, but not what a reader compares
+
+
+def read_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """metrics.jsonl of one run as {quantity: (steps, values)}, every numeric quantity except the bookkeeping ones.
+    A step logged twice (a resumed run of an older version replayed it) keeps its last value."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        fail(f"{run_dir} is not a run directory: {path} not found")
+    by_key: dict[str, dict[int, float]] = {}
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            fail(f"{path}:{line_number} is not a metrics record (one JSON object with a step per line)")
+        for key, value in record.items():
+            if key not in BOOKKEEPING_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_key.setdefault(key, {})[step] = float(value)
+    return {key: (sorted(values), [values[s] for s in sorted(values)]) for key, values in by_key.items()}
+
+
+def plot_quantities(curves: dict[str, dict]) -> list[str]:
+    """The panels to draw, loss and kNN first, then each method's own quantities in alphabetical order."""
+    keys = {key for run in curves.values() for key in run}
+    first = [key for key in ("loss", "knn_top1") if key in keys]
+    return first + sorted(keys - set(first))
+
+
+def plot_main(argv: Sequence[str] | None = None) -> None:
+    parser = OneLineErrorParser(description="Curves of one or more runs: every quantity in metrics.jsonl against "
+                                            "the step (except " + ", ".join(BOOKKEEPING_KEYS) + "), one line per run",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out-dir of a run (holds metrics.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="image to write (the extension picks the format)")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+    except ImportError:
+        fail("python common.py plot needs matplotlib, which the scripts themselves do not: pip install matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
+    quantities = plot_quantities(curves)
+    if not quantities:
+        fail("nothing to plot: the runs' metrics.jsonl hold no quantity but " + ", ".join(BOOKKEEPING_KEYS))
+    columns = min(3, len(quantities))
+    rows = math.ceil(len(quantities) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    colours = {run_dir: f"C{i % 10}" for i, run_dir in enumerate(curves)}  # one colour per run in every panel
+    for ax, key in zip(axes.flat, quantities):
+        for run_dir, run in curves.items():
+            if key in run:
+                steps, values = run[key]
+                sparse = len(steps) < 30  # kNN is measured a few times per run: show the points
+                ax.plot(steps, values, color=colours[run_dir], marker="o" if sparse else None, markersize=3,
+                        label=Path(run_dir).name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(quantities):]:
+        ax.set_visible(False)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", fontsize=8)
+    fig.tight_layout()
+    out = Path(args.out)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=90, format=out.suffix.lstrip(".") or "png"))
+    print(f"wrote {out}: {', '.join(quantities)} for {len(curves)} run(s)")
+
+
+COMMANDS = {"probe": probe_main, "plot": plot_main}
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["probe"]:
-        sys.exit("usage: python common.py probe CHECKPOINT [--epochs N] (see python common.py probe --help)")
-    probe_main(sys.argv[2:])
+    if sys.argv[1:2] == [] or sys.argv[1] not in COMMANDS:
+        sys.exit("usage: python common.py probe CHECKPOINT [...] | python common.py plot RUN_DIR [RUN_DIR ...] "
+                 "[--out curves.png] (see --help of each)")
+    COMMANDS[sys.argv[1]](sys.argv[2:])
