@@ -793,6 +793,11 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out-dir of a run (holds metrics.jsonl)")
     parser.add_argument("--out", default="curves.png", help="image to write (the extension picks the format)")
     args = parser.parse_args(argv)
+    # The runs are read first, so a bad directory gets its own error whether or not matplotlib is installed.
+    curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
+    quantities = plot_quantities(curves)
+    if not quantities:
+        fail("nothing to plot: the runs' metrics.jsonl hold no quantity but " + ", ".join(BOOKKEEPING_KEYS))
     try:
         import matplotlib
     except ImportError:
@@ -800,10 +805,6 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
-    quantities = plot_quantities(curves)
-    if not quantities:
-        fail("nothing to plot: the runs' metrics.jsonl hold no quantity but " + ", ".join(BOOKKEEPING_KEYS))
     columns = min(3, len(quantities))
     rows = math.ceil(len(quantities) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
