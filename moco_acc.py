@@ -324,8 +324,7 @@ class DigitPairs(torch.utils.data.Dataset):
         if self.mode == "audio":
             return self.audio(item, False), int(self.labels[item])
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with common.seeded_cpu_rng(seed):
             views_v = [self.image(index, True) for _ in range(2)]
             views_a = [self.audio(index, True) for _ in range(2)]
         label = int(self.labels[index])
@@ -404,8 +403,7 @@ class VideoClips(torch.utils.data.Dataset):
         video, start = self.items[index]
         frame_paths, wav_path = self.videos[video]
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with common.seeded_cpu_rng(seed):
             start = min(start + int(torch.randint(0, cfg.clip_stride, ())), len(frame_paths) - cfg.clip_frames)
             frames = torch.stack([pil_to_tensor(Image.open(p).convert("RGB"))
                                   for p in frame_paths[start:start + cfg.clip_frames]])  # Tx3xHxW uint8

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
-from conftest import CIFAR_JPG, run_script
+from conftest import CIFAR_JPG, needs_cifar, run_script
 
 
 def test_queue_matches_a_fifo_for_any_batch_size():
@@ -132,6 +132,26 @@ def test_sampler_resumes_mid_epoch_with_the_same_samples_and_seeds():
     assert list(resumed) == list(full)[30:]
     other_epoch = common.EpochSampler(num_samples=50, global_batch=10, seed=0)
     assert list(other_epoch) != list(full)
+
+
+@needs_cifar
+def test_augmented_views_seed_the_cpu_generator_alone_with_the_same_views_as_fork_rng():
+    """Issue 17: seeding only the CPU generator gives the views fork_rng + manual_seed gave, bit for bit, and leaves
+    the global generator where it was."""
+    data = common.load_image_data("folder", str(CIFAR_JPG))
+    augment = common.pretrain_transform(data.image_size, data.mean, data.std)
+    views = common.AugmentedViews(data.pretrain, common.MultiView([augment, augment]))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for index, seed in [(0, 7), (1234, 2**62 - 1), (19999, 42)]:
+        (view_1, view_2), label = views[index, seed]
+        image, expected_label = data.pretrain[index]
+        with torch.random.fork_rng(devices=[]):  # the implementation issue 17 replaced
+            torch.manual_seed(seed)
+            expected_1, expected_2 = augment(image), augment(image)
+        assert torch.equal(view_1, expected_1) and torch.equal(view_2, expected_2) and label == expected_label
+        assert not torch.equal(view_1, view_2)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_knn_predict_matches_a_naive_weighted_vote():

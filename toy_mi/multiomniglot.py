@@ -189,8 +189,7 @@ class PairViews(torch.utils.data.Dataset):
     def __getitem__(self, index_and_seed: tuple[int, int]):
         index, seed = index_and_seed
         s = self.split
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with common.seeded_cpu_rng(seed):
             views_x = self.views(s.z[index], int(s.d_x[index]))
             views_y = self.views(s.z_y[index], int(s.d_y[index]))
         return views_x, views_y, int(s.z[index, 0]), int(s.z_y[index, 0])
