@@ -27,8 +27,9 @@ Algorithm 3 (k-means++ seeding): first seed uniform; each next seed drawn with p
 squared distance to the nearest seed chosen so far.
 --sampling random is XMoCo (Algorithm 4: the dictionaries enqueue the mini-batch's own keys, no pool); ohem keeps
 the M candidates of largest pseudo-label loss (Table 3); feature runs k-means++ on the keys instead of the gradient
-embeddings (Table 2); --unimodal is SMoCo (two MoCos, v against v' and a against a'); --no-fcl drops the additional
-FC layers (Table 1, "w/o fcl").
+embeddings (Table 2); --unimodal is SMoCo (two MoCos, v against v' and a against a'); --shared-encoder is the
+"regular MoCo" of Appendix B for a pair of one kind (one encoder, one key encoder, one queue holding the keys of
+both directions; x queries meet y keys and the reverse); --no-fcl drops the additional FC layers (Table 1, "w/o fcl").
 
 Where the paper, its public code and this script differ:
 - The public code samples k-means++ seeds in proportion to D, not D^2, and defines the cross-modal FC layers
@@ -40,6 +41,11 @@ Where the paper, its public code and this script differ:
   matrix (2.5 GB at the paper's N and M): k-means++ needs only inner products, and
   <r (outer) k, r' (outer) k'> = (r . r') (k . k').
 - Eq. (4) has no temperature; I follow it (the loss of Eq. (6) uses tau).
+- Neither the paper nor its code keeps a query's own partner out of its negatives. Here the dictionaries track
+  dataset ids: the mini-batch's items are never candidates (line 12 reads U \ (D u B)), and a dictionary entry with
+  the query's id is masked out of its denominator (contrastive_loss). Before this, 12-13% of the queries on
+  avmnist (K 512, 4000 pairs) met their own partner among the actively sampled negatives, about K / |data|,
+  while XMoCo's queue almost never held it; the logs count it as own_partner_v / own_partner_a.
 - Alg. 4 enqueues the mini-batch before computing the loss, which puts every positive among its own negatives;
   XMoCo here enqueues after the loss, as MoCo does. Active sampling enqueues S_v, S_a before the loss (Alg. 2).
 - One pool of N items per epoch serves both modalities (U_v and U_a are the two halves of the same N pairs); the
@@ -197,11 +203,20 @@ def select_negatives(sampling: str, keys: torch.Tensor, queries: torch.Tensor, n
     return (logits.logsumexp(dim=1) - logits.max(dim=1).values).topk(num).indices
 
 
-def contrastive_loss(q: torch.Tensor, k: torch.Tensor, dictionary: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, dictionary: torch.Tensor, temperature: float,
+                     query_ids: torch.Tensor | None = None, dictionary_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (6)-(7): mean over the M queries of -log( e^{q.k+/tau} / (e^{q.k+/tau} + sum_j e^{q.D[j]/tau}) ).
-    q: MxC queries of one modality, k: MxC their positives (keys of the partner modality), dictionary: KxC."""
+    q: MxC queries of one modality, k: MxC their positives (keys of the partner modality), dictionary: KxC.
+
+    query_ids (M) and dictionary_ids (K) are dataset indices (-1 unknown): an entry with dictionary_ids[j] ==
+    query_ids[i] >= 0 is the query's own partner (or another view of it), a key of its positive pair, and leaves
+    query i's denominator. Without this an actively sampled dictionary holds the query's own partner about K / |data|
+    of the time while a queue of recent batches almost never does, which biases every comparison between them."""
     l_pos = torch.einsum("mc,mc->m", q, k.detach()).unsqueeze(1)  # l_pos: Mx1
     l_neg = q @ dictionary.detach().T  # l_neg: MxK
+    if query_ids is not None and dictionary_ids is not None:
+        own = (dictionary_ids.unsqueeze(0) == query_ids.unsqueeze(1)) & (query_ids.unsqueeze(1) >= 0)  # MxK
+        l_neg = l_neg.masked_fill(own, -math.inf)  # e^{-inf} = 0: out of the sum; the positive stays at index 0
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Mx(1+K), positive at index 0
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
@@ -466,6 +481,9 @@ class Config:
                                      "keys)",
                            choices=("active", "random", "ohem", "feature"))
     unimodal: bool = option(False, "SMoCo: contrast each modality with itself (two MoCos) instead of across")
+    shared_encoder: bool = option(False, "regular MoCo across a pair of one kind (App. B's SMoCo): one query "
+                                         "encoder, one key encoder, one queue; x queries meet y keys and the "
+                                         "reverse (needs --sampling random)")
     # optimization
     epochs: int = option(100, "training epochs (the paper gives none)")
     batch_size: int = option(128, "global mini-batch size M of pairs (split evenly over processes)")
@@ -589,7 +607,9 @@ class Dictionary(common.Queue):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
-        self.ids[(self.ptr + torch.arange(keys.shape[0], device=keys.device)) % self.ids.shape[0]] = ids
+        """keys: BxC, ids: B. A batch larger than K keeps its last K rows, keys and ids alike (common.Queue)."""
+        ids = ids[-self.ids.shape[0]:]
+        self.ids[(self.ptr + torch.arange(ids.shape[0], device=ids.device)) % self.ids.shape[0]] = ids
         super().enqueue(keys)
 
 
@@ -613,16 +633,20 @@ class CMACC(nn.Module):
         self.cfg = cfg
         # Queries of modality m are contrasted with keys (and the dictionary) of modality partner[m].
         self.partner = {m: m for m in MODALITIES} if cfg.unimodal else {"v": "a", "a": "v"}
-        self.query = nn.ModuleDict({m: Branch(build_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
-                                    for m, kind, c in zip(MODALITIES, kinds, in_channels)})
-        self.key = copy.deepcopy(self.query).requires_grad_(False)  # h starts as f
-        self.fc_query = nn.ModuleDict({m: nn.Linear(cfg.dim, cfg.dim) if cfg.fcl else nn.Identity()
-                                       for m in MODALITIES})
+        # --shared-encoder (regular MoCo): the same modules stand for both modalities, so `own` lists each once.
+        self.own = MODALITIES[:1] if cfg.shared_encoder else MODALITIES
+        branches = [Branch(build_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
+                    for kind, c in zip(kinds[:len(self.own)], in_channels)]
+        self.query = nn.ModuleDict({m: branches[i % len(branches)] for i, m in enumerate(MODALITIES)})
+        self.key = copy.deepcopy(self.query).requires_grad_(False)  # h starts as f (deepcopy keeps the sharing)
+        fcs = [nn.Linear(cfg.dim, cfg.dim) if cfg.fcl else nn.Identity() for _ in self.own]
+        self.fc_query = nn.ModuleDict({m: fcs[i % len(fcs)] for i, m in enumerate(MODALITIES)})
         # Sec. 3.3: the FC on the key encoder h_a is a moving average of the FC on f_v (and vice versa), so the pair
         # that meets in the loss, q^v and k^a, ends in the same layer. Keyed by the key encoder's modality.
-        self.fc_key = nn.ModuleDict({self.partner[m]: copy.deepcopy(self.fc_query[m]) for m in MODALITIES})
+        self.fc_key = copy.deepcopy(nn.ModuleDict({self.partner[m]: self.fc_query[m] for m in MODALITIES}))
         self.fc_key.requires_grad_(False)
-        self.dictionary = nn.ModuleDict({m: Dictionary(cfg.moco_k, cfg.dim) for m in MODALITIES})
+        queues = [Dictionary(cfg.moco_k, cfg.dim) for _ in self.own]
+        self.dictionary = nn.ModuleDict({m: queues[i % len(queues)] for i, m in enumerate(MODALITIES)})
         pool_size = 0 if cfg.sampling == "random" else cfg.pool_size
         self.pool = nn.ModuleDict({m: Pool(pool_size, cfg.dim) for m in MODALITIES})
 
@@ -639,15 +663,18 @@ class CMACC(nn.Module):
         return q, k
 
     @torch.no_grad()
-    def sample_negatives(self, q: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def sample_negatives(self, q: dict[str, torch.Tensor], step: int,
+                         batch_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Alg. 2 lines 10-27: for each dictionary, choose M candidates of its pool and enqueue them.
-        Returns the labels of the chosen candidates (-1 unknown) per dictionary."""
+        batch_ids: the dataset indices of the global mini-batch (M), never candidates: a query's own partner is
+        its positive, not a negative. Returns the labels of the chosen candidates (-1 unknown) per dictionary."""
         chosen_labels = {}
         for m in MODALITIES:
             pool, dictionary = self.pool[m], self.dictionary[m]
             # The queries that will meet D_m in the loss, from the whole global batch (every rank the same M).
             queries = common.concat_all_gather(q[self.partner[m]].detach())  # queries: MxC
-            candidates = (~torch.isin(pool.ids, dictionary.ids)).nonzero().squeeze(1)  # U \ D, line 12
+            excluded = dictionary.ids if batch_ids is None else torch.cat([dictionary.ids, batch_ids])
+            candidates = (~torch.isin(pool.ids, excluded)).nonzero().squeeze(1)  # U \ (D u B), line 12
             generator = torch.Generator(device=queries.device)
             generator.manual_seed(stream_seed("select", self.cfg.seed, step, m))
             picked = candidates[select_negatives(self.cfg.sampling, pool.keys[candidates], queries, queries.shape[0],
@@ -661,7 +688,7 @@ class CMACC(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """Eq. (8), and the additional FC layers across modalities (Sec. 3.3)."""
-        for m in MODALITIES:
+        for m in self.own:  # once per distinct encoder: a shared one moves by m, not m^2
             common.momentum_update(self.key[m], self.query[m], self.cfg.moco_m)
             if self.cfg.fcl:
                 common.momentum_update(self.fc_key[self.partner[m]], self.fc_query[m], self.cfg.moco_m)
@@ -692,6 +719,19 @@ def encode_samples(model: CMACC, dataset, indices: torch.Tensor, seeds: torch.Te
             indices.to(device))
 
 
+class WithIds(torch.utils.data.Dataset):
+    """A PairData.train whose items also return their dataset index (the id the dictionaries track)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index_and_seed: tuple[int, int]):
+        return (*self.dataset[index_and_seed], index_and_seed[0])
+
+
 def draw_items(num_items: int, size: int, *stream) -> tuple[torch.Tensor, torch.Tensor]:
     """`size` distinct dataset indices and their augmentation seeds, from a named random stream."""
     g = torch.Generator().manual_seed(stream_seed(*stream))
@@ -699,9 +739,13 @@ def draw_items(num_items: int, size: int, *stream) -> tuple[torch.Tensor, torch.
 
 
 def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
-               views: dict[str, list[torch.Tensor]], labels: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-    """One step of Algorithm 2 (Algorithm 4 for --sampling random) at a global step; returns what gets logged."""
+               views: dict[str, list[torch.Tensor]], labels: dict[str, torch.Tensor], ids: torch.Tensor,
+               step: int) -> dict[str, float]:
+    """One step of Algorithm 2 (Algorithm 4 for --sampling random) at a global step; returns what gets logged.
+    ids: this process's M dataset indices (the same for both modalities: item i is a pair)."""
     cfg, device = model.cfg, views["v"][0].device
+    ids = ids.to(device)
+    global_ids = common.concat_all_gather(ids)  # M: the whole batch, as the dictionaries hold global entries
     lr = learning_rate(step, cfg.warmup_steps, cfg.lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -709,10 +753,13 @@ def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimi
     with common.autocast(device):
         q, k = ddp_model(views)  # lines 11, 20, 29
     encoded = clock(device)
-    chosen = None if cfg.sampling == "random" else model.sample_negatives(q, step)  # lines 10-27
+    chosen = None if cfg.sampling == "random" else model.sample_negatives(q, step, global_ids)  # lines 10-27
     sampled = clock(device)
+    # Queries whose own partner sits in the dictionary they meet (masked out of the loss): logged, issue 11.
+    own_partner = {m: torch.isin(ids, model.dictionary[model.partner[m]].ids).float().mean() for m in MODALITIES}
     with torch.autocast(device.type, enabled=False):  # line 30, Eq. (6), in fp32
-        losses = {m: contrastive_loss(q[m], k[model.partner[m]], model.dictionary[model.partner[m]].keys, cfg.moco_t)
+        losses = {m: contrastive_loss(q[m], k[model.partner[m]], model.dictionary[model.partner[m]].keys, cfg.moco_t,
+                                      ids, model.dictionary[model.partner[m]].ids)
                   for m in MODALITIES}
     optimizer.zero_grad(set_to_none=True)
     # Each query encoder only reaches its own term, so the sum gives each the gradient of Eq. (7).
@@ -723,11 +770,11 @@ def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimi
         # Alg. 4 lines 13-14 (after the loss, as in MoCo): the whole global batch's keys, so all ranks stay equal.
         chosen = {m: common.concat_all_gather(labels[m].to(device)) for m in MODALITIES}
         for m in MODALITIES:
-            keys = common.concat_all_gather(k[m])
-            model.dictionary[m].enqueue(keys, torch.full((keys.shape[0],), -1, dtype=torch.long, device=device))
+            model.dictionary[m].enqueue(common.concat_all_gather(k[m]), global_ids)
     updated = clock(device)
     # loss_v is the loss of the v queries (direction v -> a, or v -> v' with --unimodal), loss_a the other one.
     stats = {f"loss_{m}": common.all_reduce_mean(losses[m].detach()).item() for m in MODALITIES}
+    stats.update({f"own_partner_{m}": common.all_reduce_mean(own_partner[m]).item() for m in MODALITIES})
     stats.update(loss=stats["loss_v"] + stats["loss_a"], lr=lr, time_encode_s=encoded - tic,
                  time_sample_s=sampled - encoded, time_update_s=updated - sampled)
     for m in MODALITIES:
@@ -774,14 +821,16 @@ def check_config(cfg: Config, num_items: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_items} pairs)")
     if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
         common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    if cfg.shared_encoder and (cfg.sampling != "random" or cfg.unimodal):
+        common.fail("--shared-encoder is regular MoCo across the pair: it needs --sampling random, no --unimodal")
     if cfg.moco_k % cfg.batch_size or cfg.moco_k > num_items:
         common.fail(f"--moco-k {cfg.moco_k} must be a multiple of --batch-size {cfg.batch_size} (it is encoded in "
                     f"batches) and at most the dataset size ({num_items} pairs)")
     if cfg.sampling != "random" and (cfg.pool_size % cfg.batch_size or cfg.pool_size > num_items
-                                     or cfg.pool_size < cfg.moco_k + cfg.batch_size):
+                                     or cfg.pool_size < cfg.moco_k + 2 * cfg.batch_size):
         common.fail(f"--pool-size {cfg.pool_size} must be a multiple of --batch-size {cfg.batch_size}, at least "
-                    f"--moco-k + --batch-size = {cfg.moco_k + cfg.batch_size} (M candidates outside the dictionary) "
-                    f"and at most the dataset size ({num_items} pairs)")
+                    f"--moco-k + 2 x --batch-size = {cfg.moco_k + 2 * cfg.batch_size} (M candidates outside the "
+                    f"dictionary and the mini-batch) and at most the dataset size ({num_items} pairs)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -791,6 +840,8 @@ def main(argv: list[str] | None = None) -> None:
         common.fail(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
     data = DATASETS[cfg.dataset](cfg)
     check_config(cfg, len(data.train))
+    if cfg.shared_encoder and (data.kinds[0] != data.kinds[1] or data.in_channels[0] != data.in_channels[1]):
+        common.fail(f"--shared-encoder needs two modalities of one kind; {cfg.dataset} pairs {' and '.join(data.kinds)}")
     config = dataclasses.asdict(cfg)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
@@ -810,7 +861,8 @@ def main(argv: list[str] | None = None) -> None:
     run = common.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume))
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
-    loader = common.make_loader(data.train, cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
+                                sampler)
     evaluate = PairKnn(data, cfg, device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -826,7 +878,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
         tic, pairs = time.perf_counter(), 0
-        for views_v, views_a, label_v, label_a in loader:
+        for views_v, views_a, label_v, label_a, batch_ids in loader:
             if cfg.sampling != "random" and step % (cfg.pool_every or steps_per_epoch) == 0:  # Alg. 2 lines 6-7
                 keys, labels, ids = encode_samples(model, data.train, *draw_items(len(data.train), cfg.pool_size,
                                                                                   "pool", cfg.seed, step),
@@ -836,7 +888,8 @@ def main(argv: list[str] | None = None) -> None:
                     model.pool[m].ids.copy_(ids)
                     model.pool[m].labels.copy_(labels[m])
             views = {"v": common.to_device(views_v, device), "a": common.to_device(views_a, device)}
-            stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, step)
+            stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, batch_ids,
+                               step)
             step += 1
             common.check_finite(stats["loss"], step)
             pairs += cfg.batch_size

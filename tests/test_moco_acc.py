@@ -112,6 +112,42 @@ def test_contrastive_loss_equals_a_naive_per_query_loop():
     assert moco_acc.contrastive_loss(q, k, dictionary, 0.7).item() == pytest.approx(sum(naive) / 5, rel=1e-5)
 
 
+def test_a_querys_own_partner_in_the_dictionary_leaves_its_denominator():
+    """Masking (issue 11): a dictionary holding query 0's own partner (twice) and query 2's gives, for every query,
+    the loss of the dictionary without those entries, computed by the naive loop; unknown ids (-1) mask nothing."""
+    q, k, others = unit(4, 8, seed=1), unit(4, 8, seed=2), unit(10, 8, seed=3)
+    query_ids = torch.tensor([7, 3, 9, -1])
+    dictionary = torch.cat([others[:4], k[0:1], others[4:8], k[2:3], unit(1, 8, seed=4), others[8:]])  # 13 x C
+    dictionary_ids = torch.tensor([20, 21, 22, -1, 7, 23, 24, 25, 26, 9, 7, 27, -1])
+
+    def naive(i):
+        kept = [d for d, j in zip(dictionary.double(), dictionary_ids.tolist()) if j < 0 or j != query_ids[i]]
+        logits = [(q[i].double() @ k[i].double()).item() / 0.2] + [(q[i].double() @ d).item() / 0.2 for d in kept]
+        return math.log(sum(math.exp(x) for x in logits)) - logits[0], len(kept)
+
+    expected = [naive(i) for i in range(4)]
+    assert [n for _, n in expected] == [11, 13, 12, 13]
+    loss = moco_acc.contrastive_loss(q, k, dictionary, 0.2, query_ids, dictionary_ids)
+    assert loss.item() == pytest.approx(sum(x for x, _ in expected) / 4, rel=1e-5)
+    for i in range(4):  # one query at a time: each against its own reduced dictionary
+        one = moco_acc.contrastive_loss(q[i:i + 1], k[i:i + 1], dictionary, 0.2, query_ids[i:i + 1], dictionary_ids)
+        assert one.item() == pytest.approx(expected[i][0], rel=1e-5)
+    unmasked = moco_acc.contrastive_loss(q, k, dictionary, 0.2)
+    assert unmasked.item() > loss.item()  # the partner entries (high similarity) were in the sum
+
+
+def test_dictionary_ids_are_truncated_exactly_as_the_keys():
+    d = moco_acc.Dictionary(4, 3)
+    d.enqueue(unit(3, 3, seed=0), torch.arange(3))  # ptr 3
+    keys = unit(6, 3, seed=1)
+    d.enqueue(keys, torch.arange(10, 16))  # larger than K: the last 4 rows, written from slot 3 on
+    for slot in range(4):
+        row = (slot - 3) % 4 + 2  # slot 3 <- row 2, slot 0 <- row 3, ...
+        assert d.ids[slot].item() == 10 + row
+        assert torch.equal(d.keys[slot], keys[row])
+    assert d.ptr.item() == 3
+
+
 @pytest.mark.parametrize("shape", [(8, 3, 10), (8, 3, 4, 5, 5), (8, 3, 6, 6)])
 def test_split_batchnorm_normalizes_each_contiguous_group_on_its_own(shape):
     x = torch.randn(*shape)
@@ -161,6 +197,20 @@ def test_selected_candidates_are_distinct_and_never_already_in_the_dictionary(sa
                                model.pool[m].keys[new - 100])
 
 
+@pytest.mark.parametrize("sampling", ["active", "ohem", "feature"])
+def test_the_mini_batchs_own_items_are_never_candidates(sampling):
+    model = tiny_model("--sampling", sampling)
+    batch_ids = torch.arange(100, 106)  # the 6 pairs of this step, all in the pool
+    for m in moco_acc.MODALITIES:
+        model.pool[m].keys.copy_(unit(40, 8, seed=7))
+        model.pool[m].keys[:6] = unit(6, 8, seed=0)  # the batch's items: the queries themselves, the hardest keys
+        model.pool[m].ids.copy_(torch.arange(100, 140))
+    for step in range(5):  # 5 x 6 picks of 34 candidates
+        model.sample_negatives({m: unit(6, 8, seed=0) for m in moco_acc.MODALITIES}, step, batch_ids)
+        for m in moco_acc.MODALITIES:
+            assert not set(model.dictionary[m].ids.tolist()) & set(batch_ids.tolist())
+
+
 def test_the_pseudo_labels_come_from_the_other_modalitys_queries():
     queries = {"v": unit(6, 8, seed=1), "a": unit(6, 8, seed=2)}
     for unimodal, source in ((False, {"v": "a", "a": "v"}), (True, {"v": "v", "a": "a"})):
@@ -192,11 +242,34 @@ def test_the_fc_on_each_key_encoder_follows_the_fc_of_the_other_modalitys_query_
 # ---------------------------------------------------------------------------------------------------------------------
 # The script end to end
 # ---------------------------------------------------------------------------------------------------------------------
+def test_shared_encoder_is_one_moco_for_both_directions():
+    """--shared-encoder: one query encoder, one key encoder (moved once per step by Eq. 8), one queue, and the x
+    queries meet y keys (and the reverse)."""
+    cfg = common.parse_config(moco_acc.Config, ["--arch", "small", "--dim", "8", "--batch-size", "6", "--moco-k",
+                                                "12", "--sampling", "random", "--shared-encoder", "--moco-m", "0.5"])
+    common.seed_everything(0)
+    model = moco_acc.CMACC(cfg, ("image", "image"), (3, 3), bn_splits=1)
+    for modules in (model.query, model.key, model.fc_query, model.fc_key, model.dictionary):
+        assert modules["v"] is modules["a"]
+    assert model.partner == {"v": "a", "a": "v"}
+    with torch.no_grad():
+        for p in model.query.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in model.key.parameters()]
+    model.momentum_update()
+    for k, q, k0 in zip(model.key.parameters(), model.query.parameters(), old):
+        torch.testing.assert_close(k, 0.5 * k0 + 0.5 * q)  # once: m, not m^2
+    x = torch.randn(6, 3, 16, 16)
+    q, k = model({"v": [x, x], "a": [x, x]})
+    torch.testing.assert_close(q["v"], q["a"])  # one encoder: the same input gives the same query in either role
+
+
 @needs_avmnist
-def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
+@pytest.mark.parametrize("sampling", ["active", "random"])
+def test_one_and_two_processes_agree_on_the_first_steps(tmp_path, sampling):
     # Same global batch of 8: one process with BN in 2 contiguous groups computes what 2 gloo ranks compute, down to
-    # the pools, the k-means++ picks and the dictionaries.
-    args = [*AVMNIST, "--max-steps", "2", "--knn-every", "0"]
+    # the pools, the k-means++ picks and the dictionaries (ids included: they mask each query's own partner).
+    args = [*AVMNIST, "--max-steps", "2", "--knn-every", "0", "--sampling", sampling]
     moco_acc.main([*args, "--bn-splits", "2", "--out-dir", str(tmp_path / "one")])
     run_script("moco_acc.py", *args, "--out-dir", str(tmp_path / "two"), nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -204,6 +277,7 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
         assert one[0][key] == pytest.approx(two[0][key], rel=1e-5)
         assert one[1][key] == pytest.approx(two[1][key], rel=1e-4)
     assert one[0]["neg_classes_v"] == two[0]["neg_classes_v"]
+    assert one[1]["own_partner_v"] == two[1]["own_partner_v"]
     assert {"knn_top1_v", "knn_top1_a"} <= set(one[-1]) and {"knn_top1_v", "knn_top1_a"} <= set(two[-1])
     saved = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("one", "two")]
     for key in ("dictionary.v.ids", "dictionary.a.ids", "pool.v.ids"):
@@ -323,7 +397,7 @@ def test_active_sampling_selects_negatives_of_more_classes_than_random(trained_a
     (["--dataset", "avfolder", "--data-root", str(DATA / "mnist5k")], "no <video>/frames/*.jpg"),
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "20"], "must be a multiple of --batch-size"),
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "16", "--pool-size", "16"],
-     "at least --moco-k + --batch-size"),
+     "at least --moco-k + 2 x --batch-size"),
     (["--dataset", "kinetics"], "unknown dataset 'kinetics'"),
     (["--data-root", str(DATA), "--batch-size", "8", "--moco-k", "16", "--pool-size", "32",
       "--resume", moco_acc.__file__], "not a checkpoint"),
