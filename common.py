@@ -19,8 +19,11 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, get_args, get_origin, get_type_hints
@@ -35,7 +38,25 @@ CHECKPOINT_FORMAT = "negsampling-checkpoint-v1"
 
 def fail(message: str) -> None:
     """Stop with one clear line on stderr and exit code 1 (bad input, impossible sizes, NaN loss...)."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")  # off the progress bar's line
     raise SystemExit(f"error: {message}")
+
+
+class DataError(Exception):
+    """An input file that cannot be read (a bad image, a broken npz). Raised where the file is read, possibly in a
+    loader worker; `run_main` turns it into one error line naming the file."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """A script's entry point: run `main`, turn a DataError (re-raised by the DataLoader with the worker's traceback
+    folded into its message) into one error line, and leave the process group cleanly."""
+    try:
+        main()
+    except DataError as e:
+        last_line = str(e).strip().splitlines()[-1]
+        fail(last_line.split("DataError: ", 1)[-1])
+    shutdown_distributed()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,7 +116,7 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
     Unknown flags and wrong types are rejected by argparse; booleans get `--flag / --no-flag`; a value outside its
     field's `check` is rejected the same way (exit 2, one line), before any file or process group is touched.
     """
-    parser = OneLineErrorParser(description=(description or "").split("\n\n")[0],
+    parser = OneLineErrorParser(description=(description or "").split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
@@ -119,7 +140,35 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
         if check is not None and not check.accepts(values[field.name]):
             value = " ".join(map(str, values[field.name])) if isinstance(values[field.name], tuple) else values[field.name]
             parser.error(f"argument --{field.name.replace('_', '-')}: {value} is out of range (must be {check.rule})")
+    if "resume" in values and "out_dir" in values:
+        # The flags typed on this command line (not their defaults): those are what a resumed run must match.
+        typed = {token.split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv)}
+        given = {action.dest: values[action.dest] for action in parser._actions
+                 if action.dest in values and typed.intersection(action.option_strings)}
+        values = continue_run(values, given)
     return config_class(**values)
+
+
+def continue_run(values: dict, given: dict) -> dict:
+    """Resume by re-running (as DINO does: the run directory is the identity). The checkpoint is --resume's (a
+    checkpoint.pt or a run directory), else the one already in --out-dir; without either this is a fresh run.
+    Flags not given come from the checkpoint's config; given ones must agree with it, except those that do not
+    change the trajectory (RESUME_MAY_CHANGE, and the same data folder spelled differently)."""
+    if values["resume"]:
+        path = Path(values["resume"])
+        path = path / "checkpoint.pt" if path.is_dir() else path
+    else:
+        path = Path(values["out_dir"]) / "checkpoint.pt"
+        if not path.is_file():
+            return values  # a fresh run (a directory without a checkpoint holds no run to continue)
+    saved = load_checkpoint(str(path))["config"]
+    different = sorted(name for name, value in given.items()
+                       if name in saved and not same_setting(name, value, saved[name]))
+    if different:
+        diffs = ", ".join(f"--{name.replace('_', '-')} {saved[name]!r} -> {given[name]!r}" for name in different)
+        fail(f"{path} was trained with other settings ({diffs}); to start a new run, pass another --out-dir")
+    resumed = {**values, **{name: value for name, value in saved.items() if name in values and name not in given}}
+    return {**resumed, "resume": str(path)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,8 +468,12 @@ def load_image_data(name: str, root: str, image_size: int = 0, download: bool = 
             if not (Path(root) / split).is_dir():
                 fail(f"--data-root {root}: no '{split}/' folder (the 'folder' dataset wants root/train/<class>/*.jpg "
                      "and root/test/<class>/*.jpg)")
-        train, test = D.ImageFolder(Path(root) / "train"), D.ImageFolder(Path(root) / "test")
+        try:
+            train, test = (D.ImageFolder(Path(root) / split, loader=read_image) for split in ("train", "test"))
+        except FileNotFoundError as e:  # torchvision: "Couldn't find any class folder in ..." or no image files
+            fail(f"--data-root {root}: {str(e).splitlines()[0]} (the 'folder' dataset wants root/train/<class>/*.jpg)")
         return ImageData(train, train, test, len(train.classes), image_size or train[0][0].size[0], mean, std)
+    root_existed = Path(root).exists()
     try:
         if name == "stl10":
             pretrain = D.STL10(root, split="train+unlabeled", download=download)
@@ -429,8 +482,23 @@ def load_image_data(name: str, root: str, image_size: int = 0, download: bool = 
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
         train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
     except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", or no network
-        fail(f"cannot load {name} from --data-root {root}: {str(e).splitlines()[0]}")
+        if not root_existed and Path(root).is_dir() and not any(Path(root).iterdir()):
+            Path(root).rmdir()  # torchvision made it for the download that failed: leave nothing behind
+        fail(f"cannot load {name} from --data-root {root}: {str(e).splitlines()[0]}. Offline, '--dataset folder "
+             f"--data-root DIR' reads DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
     return ImageData(train, train, test, len(train.classes), image_size or 32, mean, std)
+
+
+def read_image(path: str):
+    """ImageFolder's loader, with one clear error naming the file for an unreadable image (empty, truncated, not
+    an image) instead of PIL's traceback from inside a loader worker."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 @contextlib.contextmanager
@@ -640,9 +708,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_finite(loss_value: float, step: int) -> None:
+def check_finite(loss_value: float, step: int) -> None:  # TEMPORARY until every loop calls RunDir.check_finite
     if not math.isfinite(loss_value):
         fail(f"loss is {loss_value} at step {step}; the run diverged (try a lower --lr); last checkpoint kept")
+
+
+class CheckpointTimer:
+    """When a training loop should stop to save: every `minutes` of wall time, and at once after SIGTERM or SIGINT
+    (a preempted job, Ctrl-C). The loop breaks out of its epoch when `due()` says so; the code after the epoch then
+    saves as it does at an epoch end, and the loop goes on from the saved step exactly as a resumed run would (the
+    sampler skips the batches already trained), or `stop_if_signalled` ends the run with one line.
+
+    Under torchrun the ranks must agree (their clocks differ, and a signal may reach one rank only): one all-reduce
+    of two flags per step, which at world size one is skipped."""
+
+    def __init__(self, minutes: float, device: torch.device):
+        self.interval, self.device = minutes * 60.0, device
+        self.last_save, self.stopping, self.signal_name = time.monotonic(), False, None
+        self.handlers = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C: the user does not want to wait for the save
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def due(self) -> bool:
+        flags = torch.tensor([float(self.signal_name is not None),
+                              float(self.interval > 0 and time.monotonic() - self.last_save >= self.interval)])
+        if world_size() > 1:
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stopping = bool(flags[0])
+        return bool(flags.any())
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def stop_if_signalled(self, step: int, checkpoint: Path) -> None:
+        if self.stopping:
+            self.close()
+            fail(f"stopped by {self.signal_name or 'a signal to another rank'} at step {step}; the checkpoint is "
+                 f"saved in {checkpoint}: run the same command again to continue")
+
+    def close(self) -> None:
+        """Give the signals their previous handlers back (the scripts also run inside tests and notebooks)."""
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        self.handlers = {}
+
+
+@torch.no_grad()
+def average_bn_statistics(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over the ranks before evaluating or saving: each rank's come from its
+    own slice of every batch, so rank 0's alone would make the saved model depend on the world size."""
+    if world_size() == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world_size()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -660,18 +787,44 @@ def git_state() -> dict:
 
 
 class RunDir:
-    """`--out-dir`: config.json (resolved config + provenance), metrics.jsonl (one JSON object per event)."""
+    """`--out-dir`: config.json (resolved config + provenance), metrics.jsonl (one JSON object per event).
 
-    def __init__(self, out_dir: str, config: dict, script: str, resuming: bool):
-        self.path = Path(out_dir)
-        if not resuming and (self.path / "metrics.jsonl").exists():
-            # Never lose work: a fresh run would append to the old log and overwrite the old checkpoint.
-            fail(f"--out-dir {out_dir} already holds a run; pass --resume {self.checkpoint_path} or another --out-dir")
-        if is_main():
+    A directory holds a run once it holds a checkpoint: one killed before its first save is started over. Resumed
+    at `step`, metrics.jsonl keeps the records up to that step only, so the replayed steps appear once."""
+
+    def __init__(self, out_dir: str, config: dict, script: str, resuming: bool, step: float = math.inf):
+        self.path, self.config = Path(out_dir), config
+        if not is_main():
+            return
+        if self.path.exists() and not self.path.is_dir():
+            fail(f"--out-dir {out_dir} is a file, not a directory")
+        try:
             self.path.mkdir(parents=True, exist_ok=True)
-            info = {"script": script, "config": config, **git_state(), "world_size": world_size(),
-                    "torch": torch.__version__}
-            atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+        except OSError as e:
+            fail(f"--out-dir {out_dir}: cannot create it ({e.strerror})")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            fail(f"--out-dir {out_dir} is not writable")
+        if not resuming and self.checkpoint_path.exists():
+            # Never lose work (parse_config resumes a run found in --out-dir, so only a caller that bypasses it gets here).
+            fail(f"--out-dir {out_dir} already holds a run; re-run its command to continue it, or pass another --out-dir")
+        metrics = self.path / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if resuming and _logged_step(line) <= step]
+            atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+        info = {"script": script, "config": config, **git_state(), "world_size": world_size(),
+                "torch": torch.__version__}
+        atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+
+    def check_finite(self, loss: float, step: int) -> None:
+        """Stop at a NaN or infinite loss, naming the settings that usually cause it and what was saved."""
+        if math.isfinite(loss):
+            return
+        suspects = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in self.config.items()
+                             if name in ("lr", "temperature", "tau") or name.endswith(("_lr", "_t")))
+        saved = (f"the last checkpoint is kept in {self.checkpoint_path}; re-running resumes from it"
+                 if self.checkpoint_path.exists() else "no checkpoint had been written yet")
+        fail(f"the loss is {loss} at step {step}: training diverged. Usual causes: a learning rate too high or a "
+             f"temperature too small ({suspects}). {saved}")
 
     def log(self, record: dict) -> None:
         if is_main():
@@ -681,6 +834,14 @@ class RunDir:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl record; a line cut short by a kill counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -717,8 +878,18 @@ def save_checkpoint(path: Path, script: str, config: dict, step: int, model: nn.
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-# Flags that may change on --resume without changing what is computed.
-RESUME_MAY_CHANGE = {"resume", "out_dir", "max_steps", "workers", "log_every"}
+# Flags that may change on --resume without changing the trajectory: where and how often things are written or
+# evaluated, how data is loaded, and how far to train (--epochs sets the schedules, so it may not change).
+RESUME_MAY_CHANGE = {"resume", "out_dir", "max_steps", "workers", "log_every", "knn_every", "checkpoint_minutes"}
+
+
+def same_setting(name: str, new: Any, saved: Any) -> bool:
+    """Whether a resumed run may use `new` where the checkpoint says `saved` (a data folder may be spelled
+    differently: relative, absolute, through a link)."""
+    if name in RESUME_MAY_CHANGE or new == saved:
+        return True
+    return name.endswith("_root") and isinstance(new, str) and isinstance(saved, str) and \
+        os.path.realpath(new) == os.path.realpath(saved)
 
 
 def load_checkpoint(path: str, script: str | None = None, config: dict | None = None) -> dict:
@@ -727,15 +898,18 @@ def load_checkpoint(path: str, script: str | None = None, config: dict | None = 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"checkpoint {path} does not exist")
+    except IsADirectoryError:
+        fail(f"checkpoint {path} is a directory")
     except Exception as e:  # pickle errors, zip errors, "weights only" refusals: all mean "not our checkpoint"
-        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {first_line})")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker)")
     if script is not None and state["script"] != script:
         fail(f"{path} was written by {state['script']}.py, not {script}.py")
     if config is not None:
         changed = sorted(k for k in set(config) | set(state["config"])
-                         if k not in RESUME_MAY_CHANGE and config.get(k) != state["config"].get(k))
+                         if not same_setting(k, config.get(k), state["config"].get(k)))
         if changed:
             diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in changed)
             fail(f"cannot resume {path} with a different config ({diffs})")

@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import option
+from common import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # Table 1's columns, in its order.
 OBJECTIVES = ("ae", "ce", "ad", "cd")
@@ -372,47 +372,58 @@ class Config:
                                        "DATA_ROOT/train.npz and test.npz (format in the docstring)",
                           choices=("synthetic", "npz"))
     data_root: str = option("", "folder holding train.npz and test.npz (--dataset npz)")
-    frames: int = option(0, "frames T per sequence, resampled linearly (0: the arrays' own; synthetic: 32)")
-    synthetic_size: int = option(2000, "training sequences of the synthetic set (its test split: a quarter as many)")
-    workers: int = option(0, "data loader processes per training process")
+    frames: int = option(0, "frames T per sequence, resampled linearly (0: the arrays' own; synthetic: 32)",
+                         check=NON_NEGATIVE)
+    synthetic_size: int = option(2000, "training sequences of the synthetic set (its test split: a quarter as many)",
+                                 check=at_least(1))
+    workers: int = option(0, "data loader processes per training process", check=NON_NEGATIVE)
     # augmentations (Alg. 1 line 1)
-    crop: float = option(0.7, "temporal crop: keep a window of at least this fraction of T, resampled to T")
-    rotate: float = option(30.0, "rotation: angles uniform in [-r, r] degrees about each axis")
-    shear: float = option(0.3, "shear: off-diagonal entries of I + S uniform in [-s, s] (public code: 1)")
-    jitter: float = option(0.01, "joint jitter: Gaussian noise std per coordinate, in the data's units")
+    crop: float = option(0.7, "temporal crop: keep a window of at least this fraction of T, resampled to T",
+                         check=common.Check(lambda v: 0 < v <= 1, "in (0, 1]"))
+    rotate: float = option(30.0, "rotation: angles uniform in [-r, r] degrees about each axis", check=NON_NEGATIVE)
+    shear: float = option(0.3, "shear: off-diagonal entries of I + S uniform in [-s, s] (public code: 1)",
+                          check=NON_NEGATIVE)
+    jitter: float = option(0.01, "joint jitter: Gaussian noise std per coordinate, in the data's units",
+                           check=NON_NEGATIVE)
     # encoder and decoder
     cell: str = option("gru", "recurrent cell of encoder and decoder", choices=("gru", "lstm"))
-    layers: int = option(1, "recurrent layers of encoder and decoder (Table 1: 1 or 3; Table 2: 1 to 5)")
-    width: int = option(512, "hidden units H per layer (Table 1: 512, 'wider' 1024)")
-    dim: int = option(128, "dimension C of the encoder's contrastive space (linear projection of h)")
+    layers: int = option(1, "recurrent layers of encoder and decoder (Table 1: 1 or 3; Table 2: 1 to 5)",
+                         check=at_least(1))
+    width: int = option(512, "hidden units H per layer (Table 1: 512, 'wider' 1024)", check=at_least(1))
+    dim: int = option(128, "dimension C of the encoder's contrastive space (linear projection of h)", check=at_least(1))
     # the taxonomy and MoCo
     objectives: tuple[str, ...] = option(("ae", "ce", "ad"), "objectives to train with: any non-empty subset of ae "
                                          "ce ad cd (L_AE, L_CE, L_AD, L_CD; Table 1's rows; default: its best)",
                                          choices=OBJECTIVES)
-    w1: float = option(1.0, "weight w_1 of L_AE")
-    w2: float = option(1.0, "weight w_2 of L_AD")
-    moco_k: int = option(1024, "encoder queue size K")
-    moco_k_dec: int = option(640, "decoder queue size K_D (decoded keys, T*J*3 numbers each)")
-    moco_m: float = option(0.999, "momentum m of the key encoder and key decoder")
-    moco_t: float = option(0.1, "softmax temperature t of L_CE and L_CD")
+    w1: float = option(1.0, "weight w_1 of L_AE", check=NON_NEGATIVE)
+    w2: float = option(1.0, "weight w_2 of L_AD", check=NON_NEGATIVE)
+    moco_k: int = option(1024, "encoder queue size K", check=at_least(1))
+    moco_k_dec: int = option(640, "decoder queue size K_D (decoded keys, T*J*3 numbers each)", check=at_least(1))
+    moco_m: float = option(0.999, "momentum m of the key encoder and key decoder", check=between(0, 1))
+    moco_t: float = option(0.1, "softmax temperature t of L_CE and L_CD", check=POSITIVE)
     # optimization
-    epochs: int = option(150, "training epochs")
-    batch_size: int = option(32, "global batch size (split evenly over processes)")
-    lr: float = option(1e-3, "Adam learning rate (constant, as in the public code)")
-    weight_decay: float = option(0.0, "Adam weight decay")
-    grad_clip: float = option(25.0, "clip the gradient norm at this value (0: no clipping)")
+    epochs: int = option(150, "training epochs", check=at_least(1))
+    batch_size: int = option(32, "global batch size (split evenly over processes)", check=at_least(1))
+    lr: float = option(1e-3, "Adam learning rate (constant, as in the public code)", check=NON_NEGATIVE)
+    weight_decay: float = option(0.0, "Adam weight decay", check=NON_NEGATIVE)
+    grad_clip: float = option(25.0, "clip the gradient norm at this value (0: no clipping)", check=NON_NEGATIVE)
     # run
-    seed: int = option(0, "random seed (model init, data order, augmentations)")
+    seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_taxonomy", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt to continue from (same config)")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs)")
-    log_every: int = option(1, "steps between metrics.jsonl records")
-    knn_every: int = option(10, "epochs between evaluations (0: only at the end)")
-    knn_k: int = option(20, "neighbours of the kNN classifier")
-    knn_t: float = option(0.1, "temperature of the kNN vote weights")
-    knn_bank_size: int = option(0, "training sequences in the kNN bank and probe training set, evenly spaced (0: all)")
-    knn_test_size: int = option(0, "test sequences evaluated, evenly spaced (0: all)")
-    probe_epochs: int = option(100, "epochs of the linear probe (logistic regression on frozen h; 0: no probe)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
+    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
+    knn_every: int = option(10, "epochs between evaluations (0: only at the end)", check=NON_NEGATIVE)
+    knn_k: int = option(20, "neighbours of the kNN classifier", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training sequences in the kNN bank and probe training set, evenly spaced (0: all)",
+                                check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test sequences evaluated, evenly spaced (0: all)", check=NON_NEGATIVE)
+    probe_epochs: int = option(100, "epochs of the linear probe (logistic regression on frozen h; 0: no probe)",
+                               check=NON_NEGATIVE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -565,11 +576,6 @@ def check_config(cfg: Config, num_sequences: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
     if cfg.batch_size > num_sequences:
         common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_sequences} sequences)")
-    if not 0.0 < cfg.crop <= 1.0:
-        common.fail(f"--crop {cfg.crop} must be in (0, 1]")
-    for name in ("layers", "width", "dim", "moco_k", "moco_k_dec", "batch_size", "epochs"):
-        if getattr(cfg, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -600,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                                            find_unused_parameters=not uses_all)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_taxonomy", resuming=bool(cfg.resume))
+    run = common.RunDir(cfg.out_dir, config, "moco_taxonomy", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(SkeletonViews(data.train, data.train_labels, cfg),
@@ -609,6 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
+    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -617,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         for views, _ in loader:
             stats = train_step(model, ddp_model, optimizer, [v.to(device, non_blocking=True) for v in views])
             step += 1
-            common.check_finite(stats["loss"], step)
+            run.check_finite(stats["loss"], step)
             sequences += cfg.batch_size
             progress.update()
             progress.set_postfix(loss=f"{stats['loss']:.3f}", q_var=f"{stats['q_var']:.3f}")
@@ -625,9 +632,10 @@ def main(argv: list[str] | None = None) -> None:
                 rate = sequences / (time.perf_counter() - tic)
                 run.log({"step": step, "epoch": epoch, **stats, "sequences_per_s": rate})
                 tic, sequences = time.perf_counter(), 0
-            if step == last_step:
+            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
         epoch_done = step % steps_per_epoch == 0
+        common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             result = evaluate(model.encoder_q, data, cfg, device)
             if common.is_main():
@@ -635,7 +643,10 @@ def main(argv: list[str] | None = None) -> None:
                 progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
         common.save_checkpoint(run.checkpoint_path, "moco_taxonomy", config, step, model, {"adam": optimizer},
                                model.encoder_q.rnn)
+        timer.saved()
+        timer.stop_if_signalled(step, run.checkpoint_path)
     progress.close()
+    timer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -652,9 +663,8 @@ def taxonomy(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for row in taxonomy_rows():
         out_dir = Path(base.out_dir) / "-".join(row)
-        args = [*argv, "--objectives", *row, "--out-dir", str(out_dir)]  # the last occurrence of a flag wins
-        if (out_dir / "checkpoint.pt").exists():
-            args += ["--resume", str(out_dir / "checkpoint.pt")]
+        # The last occurrence of a flag wins; a run directory that holds a checkpoint is continued (parse_config).
+        args = [*argv, "--objectives", *row, "--out-dir", str(out_dir)]
         tic = time.perf_counter()
         main(args)
         if common.is_main():
@@ -683,8 +693,4 @@ def taxonomy_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["taxonomy"]:
-        taxonomy(sys.argv[2:])
-    else:
-        main()
-    common.shutdown_distributed()
+    common.run_main(lambda: taxonomy(sys.argv[2:]) if sys.argv[1:2] == ["taxonomy"] else main())

@@ -30,6 +30,16 @@ def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300, chec
     return result
 
 
+def error_line(stop: pytest.ExceptionInfo, capsys) -> str:
+    """The one error line of a script stopped in-process: `common.fail` carries it in SystemExit (exit code 1),
+    argparse and the flags' range checks print it before exiting with code 2."""
+    code = stop.value.code
+    if isinstance(code, str):
+        return code
+    assert code == 2, f"exit code {code}"
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def read_metrics(out_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import moco_taxonomy as mt
-from conftest import read_metrics, run_script, unit
+from conftest import error_line, read_metrics, run_script, unit
 
 # A small model on a small synthetic set: every run below takes seconds on one CPU core.
 TINY = ["--synthetic-size", "200", "--frames", "16", "--width", "32", "--dim", "16", "--batch-size", "16",
@@ -287,22 +287,26 @@ def test_taxonomy_trains_all_15_rows_prints_the_table_and_resumes(tmp_path, caps
     (["--objectives"], "needs at least one"),
     (["--objectives", "ae", "ae"], "lists one twice"),
     (["--batch-size", "5000"], "larger than the dataset"),
-    (["--crop", "0"], "must be in (0, 1]"),
-    (["--layers", "0"], "--layers must be at least 1"),
+    (["--crop", "0"], "--crop: 0.0 is out of range (must be in (0, 1])"),
+    (["--crop", "nan"], "--crop: nan is out of range"),
+    (["--layers", "0"], "--layers: 0 is out of range (must be >= 1)"),
     (["--frames", "1"], "at least 2"),
-    (["--frames", "-3"], "at least 2"),
-    (["--synthetic-size", "0"], "--synthetic-size must be at least 1"),
+    (["--frames", "-3"], "--frames: -3 is out of range (must be >= 0)"),
+    (["--synthetic-size", "0"], "--synthetic-size: 0 is out of range (must be >= 1)"),
+    (["--moco-m", "1.5"], "--moco-m: 1.5 is out of range (must be in [0, 1])"),
+    (["--lr", "nan"], "--lr: nan is out of range"),
     (["--dataset", "npz"], "needs --data-root"),
     (["--dataset", "npz", "--data-root", "/nonexistent"], "does not exist"),
     (["--resume", "JUNK"], "not a checkpoint"),
 ])
-def test_bad_input_stops_with_one_clear_error(tmp_path, args, message):
+def test_bad_input_stops_with_one_clear_error(tmp_path, capsys, args, message):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     args = [str(tmp_path / "junk.pt") if a == "JUNK" else a for a in args]
     with pytest.raises(SystemExit) as stop:
         mt.main([*TINY, *args, "--out-dir", str(tmp_path / "run")])
-    assert str(stop.value.code).startswith("error:") and message in str(stop.value.code)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    line = error_line(stop, capsys)
+    assert line.startswith("error:") and message in line
+    assert not (tmp_path / "run").exists()  # nothing written before the inputs are known to be good
 
 
 @pytest.mark.parametrize("arrays,message", [
