@@ -52,6 +52,7 @@ import copy
 import dataclasses
 import math
 import time
+import typing
 
 import torch
 import torch.nn as nn
@@ -105,18 +106,80 @@ def ring_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 
 
 def sample_ring_indices(similarity: torch.Tensor, lower: float, upper: float, num_samples: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, row_offset: int = 0,
+                        total_rows: int = 0) -> torch.Tensor:
     """Draw `num_samples` negatives per row uniformly (with replacement) from that row's ring.
 
     similarity: NxM scores of N anchors against M candidates (a memory bank: IRing, Eq. 3, or the toy of Appendix B).
     Returns NxS indices into the M candidates, S = num_samples. This is q(v | v*) of Theorem 3.1 restricted to the
     ring: each candidate inside the ring is equally likely, as p(A | S_B) renormalizes the uniform marginal.
+    row_offset/total_rows: these N rows are rows [row_offset, row_offset + N) of a batch of `total_rows` (0: N),
+    and the positions are drawn for the whole batch at once, so a rank of a distributed run draws what one process
+    would draw for the same rows of the global batch.
     """
     lo, hi = ring_bounds(similarity.shape[1], lower, upper)
     order = similarity.argsort(dim=1)[:, lo:hi]  # order: Nx(hi-lo), candidate ids in the ring, far -> close
-    pick = torch.randint(0, hi - lo, (similarity.shape[0], num_samples), generator=generator,
-                         device=similarity.device)  # pick: NxS positions inside the ring
+    rows = similarity.shape[0]
+    draw_on = generator.device if generator is not None else similarity.device
+    pick = torch.randint(0, hi - lo, (total_rows or rows, num_samples), generator=generator, device=draw_on)
+    pick = pick[row_offset:row_offset + rows].to(similarity.device)  # pick: NxS positions inside the ring
     return order.gather(1, pick)  # NxS candidate ids
+
+
+def bank_ring_loss(q: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, temperature: float, lower: float,
+                   upper: float, num_negatives: int, generator: torch.Generator | None = None,
+                   row_offset: int = 0, total_rows: int = 0) -> torch.Tensor:
+    """IRing loss: Eq. 3 (instance discrimination, Wu et al. 2018) with negatives drawn from the ring (Section 4).
+
+    q: NxC embeddings g(t(x_i)) (L2-normalized), bank: MxC memory bank M (one normalized row per training image),
+    index: N training indices i. The positive is the bank's own entry M[i] (Eq. 3; the public code's NCERing
+    likewise); k = num_negatives entries j_1..j_k are drawn uniformly with replacement from the entries whose
+    similarity to q lies between the w_l-th and w_u-th percentiles of all M. Returns the mean over the N queries of
+        -log( e^{q.M[i]/t} / (e^{q.M[i]/t} + sum_{s=1..k} e^{q.M[j_s]/t}) ),
+    the positive kept in the denominator as in Eq. 3 and Theorem 3.1 (Eq. 3's 1/(k+1) is a constant, left out).
+    The ring is ranked over the whole bank, M[i] included, as in the public code: early on M[i] can be drawn as a
+    negative; once it is the closest entry, w_u < 100 leaves it out. Gradients reach q only (the bank is a buffer).
+    """
+    bank = bank.detach()
+    l_all = q @ bank.T / temperature  # l_all: NxM, q against every bank entry
+    l_pos = l_all.gather(1, index.unsqueeze(1))  # l_pos: Nx1, q.M[i]/t
+    with torch.no_grad():  # which entries are negatives is a sampling decision, not part of the gradient
+        negatives = sample_ring_indices(l_all, lower, upper, num_negatives, generator, row_offset, total_rows)
+    l_neg = l_all.gather(1, negatives)  # l_neg: Nxk, the sampled ring entries
+    logits = torch.cat([l_pos, l_neg], dim=1)  # logits: Nx(1+k), positive at index 0
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class MemoryBank(nn.Module):
+    """IRing's memory bank (Wu et al. 2018): `vectors: MxC`, one L2-normalized embedding per training index, in a
+    buffer (moves with `.to()`, saved in the state_dict). Random unit vectors until an index is first seen, as in
+    Wu et al. and the public code."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("vectors", F.normalize(torch.randn(size, dim), dim=1))  # vectors: MxC
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, embeddings: torch.Tensor, momentum: float) -> None:
+        """M[i] <- norm(m M[i] + (1 - m) v_i) for each index i with its new embedding v_i (NxC, normalized).
+        m = 0 writes v_i: the bank holds "the embedding of the view of x_i observed last epoch" (Ring, Sec. 2),
+        which is the public code's setting (nce_ring.json: m 0); Wu et al. 2018's own code uses m = 0.5."""
+        mixed = momentum * self.vectors[index] + (1.0 - momentum) * embeddings.to(self.vectors.dtype)
+        self.vectors[index] = F.normalize(mixed, dim=1)
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(image, label) -> (image, index). IRing addresses its bank by training index; common.AugmentedViews hands
+    the second item through, so the loader yields (views, index). The label is never used in pretraining."""
+
+    def __init__(self, base: torch.utils.data.Dataset):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        return self.base[index][0], index
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,23 +202,41 @@ class Config:
     mlp: bool = option(True, "MoCo v2 MLP projection head (--no-mlp: MoCo v1 linear head)")
     bn_splits: int = option(8, "BatchNorm groups on one device (SplitBatchNorm imitates that many GPUs); "
                                "under torchrun each process is one group")
-    # MoCo
-    moco_k: int = option(4096, "queue size K")
-    moco_m: float = option(0.99, "momentum m of the key encoder")
-    moco_t: float = option(0.1, "softmax temperature t")
-    symmetric: bool = option(False, "symmetric loss: each view is query once and key once")
+    # MoCo (--negatives queue: MoCoRing, Alg. 1) or instance discrimination (--negatives bank: IRing, Eq. 3)
+    negatives: str = option("queue", "where the ring's negatives come from: 'queue' MoCoRing (Alg. 1, momentum "
+                                     "encoder, FIFO queue); 'bank' IRing (Eq. 3, one encoder, a memory bank of one "
+                                     "embedding per training image)", choices=("queue", "bank"))
+    moco_k: int = option(4096, "queue size K", check=common.at_least(1))
+    moco_m: float = option(0.99, "momentum m of the key encoder", check=common.between(0.0, 1.0))
+    moco_t: float = option(0.1, "softmax temperature t", check=common.greater_than(0.0))
+    symmetric: bool = option(False, "symmetric loss of MoCo's CIFAR demo: each view is query once and key once, "
+                                    "loss_12 + loss_21 (the demo's sum, not the mean: the gradient is the demo's)")
+    bank_negatives: int = option(4096, "IRing: negatives k drawn per query from the ring, with replacement "
+                                       "(Eq. 3; the public code draws 4095 plus the positive)", check=common.at_least(1))
+    bank_m: float = option(0.0, "IRing: memory-bank momentum, M[i] <- norm(m M[i] + (1-m) v_i); 0 keeps the "
+                                "last epoch's view (Sec. 2, public code); Wu et al. 2018 use 0.5",
+                           check=common.between(0.0, 1.0, include_high=False))
     # Ring (Section 4)
     ring_lower: float = option(90.0, "lower percentile w_l of the ring in [0, 100] (the annealing's target)")
-    ring_upper: float = option(99.0, "upper percentile w_u: queue entries closer than this are not negatives")
-    anneal: str = option("linear", "schedule of w_l: 'linear' 0 -> w_l, 'step' in 4 jumps, 'none' w_l from step 0",
+    ring_upper: float = option(99.0, "upper percentile w_u: entries closer than this are not negatives (target)")
+    anneal: str = option("linear", "schedule of the ring: 'linear' w_l 0 -> target, 'step' the same in 10 levels "
+                                   "(the public code's), 'none' the targets from step 0",
                          choices=("none", "linear", "step"))
-    anneal_epochs: int = option(100, "epochs over which w_l rises to --ring-lower (Appendix E: 100)")
+    anneal_upper: bool = option(True, "anneal w_u with w_l (Alg. 1's anneal(w_u); the public code's dynamic inner "
+                                      "cut: [0, 90] -> [90, 99]); --no-anneal-upper keeps w_u at --ring-upper")
+    anneal_epochs: int = option(100, "epochs over which the ring narrows to its targets (Appendix E: 100)",
+                                check=common.at_least(0))
     # optimization
-    epochs: int = option(200, "training epochs")
-    batch_size: int = option(512, "global batch size (split evenly over processes)")
-    lr: float = option(0.06, "SGD learning rate (cosine decay to 0)")
+    recipe: str = option("demo", "defaults: 'demo' MoCo's CIFAR-10 demo (below); 'paper' the Ring paper's "
+                                 "(t 0.07, lr 0.03, wd 1e-4, batch 256, 300 epochs, lr drops 200 250, K 65536, "
+                                 "m 0.999); flags given explicitly win", choices=("demo", "paper"))
+    epochs: int = option(200, "training epochs", check=common.at_least(1))
+    batch_size: int = option(512, "global batch size (split evenly over processes)", check=common.at_least(1))
+    lr: float = option(0.06, "SGD learning rate", check=common.greater_than(0.0))
+    lr_drops: tuple[int, ...] = option((), "epochs at which the lr is divided by 10 (the paper: 200 250); none: "
+                                           "cosine decay to 0 (MoCo's CIFAR demo)", check=common.each(common.at_least(1)))
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay")
+    weight_decay: float = option(5e-4, "SGD weight decay", check=common.at_least(0.0))
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations)")
     out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
@@ -169,37 +250,86 @@ class Config:
     knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
 
 
-def anneal_lower(step: int, anneal_steps: int, target: float, policy: str, stages: int = 4) -> float:
-    """The lower percentile w_l at a global step (Section 4 "Annealing Policy", Appendix E).
+# The Ring paper's CIFAR recipe (Sec. 5 "Training Details"; public configs mocov2/moco_ring.json, nce/nce_ring.json).
+PAPER_RECIPE = {"moco_t": 0.07, "lr": 0.03, "weight_decay": 1e-4, "batch_size": 256, "epochs": 300,
+                "lr_drops": (200, 250), "moco_k": 65536, "moco_m": 0.999}
+ANNEAL_LEVELS = 10  # the public code's step policy: thresholds 1.0, 0.9, ..., 0.1 of the set, each for 1/10 of the span
 
-    Early in training the representation is poor and the "closest" entries are not truly close, so the ring
-    starts as the whole lower range (w_l = 0, plain MoCo below w_u) and narrows towards the closest entries.
-    none: `target` from the first step; linear: 0 -> target over `anneal_steps`, then constant;
-    step: the same range climbed in `stages` equal jumps.
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Flags -> Config. With --recipe paper the defaults are PAPER_RECIPE's; flags given explicitly still win
+    (argparse sees the recipe's values as defaults, so abbreviations and --resume behave as usual)."""
+    cfg = common.parse_config(Config, argv, __doc__)
+    if cfg.recipe == "demo":
+        return cfg
+    fields, hints = {f.name: f for f in dataclasses.fields(Config)}, typing.get_type_hints(Config)
+    paper = dataclasses.make_dataclass(
+        "PaperRecipe", [(name, hints[name], dataclasses.field(default=value, metadata=fields[name].metadata))
+                        for name, value in PAPER_RECIPE.items()], bases=(Config,))
+    return Config(**dataclasses.asdict(common.parse_config(paper, argv, __doc__)))
+
+
+def ring_schedule(step: int, anneal_steps: int, lower: float, upper: float, policy: str,
+                  anneal_upper: bool) -> tuple[float, float]:
+    """The ring (w_l, w_u) in percentiles at a global step (Section 4 "Annealing Policy", Appendix E; Alg. 1 line 12).
+
+    Early in training the representation is poor and the "closest" entries are not truly close, so the ring starts
+    wide and narrows towards the closest entries. The progress p goes 0 -> 1 over `anneal_steps`:
+      none: p = 1 from the first step;
+      linear: p = step / anneal_steps (the public code's linspace over anneal_steps points reaches 1 one step
+        earlier, at anneal_steps - 1; I keep the paper's "over 100 epochs");
+      step: the public code's StepThresholdPolicy: 10 levels p = 0, 1/9, ..., 1, each held anneal_steps // 10 steps.
+    w_l = p * lower. The public code anneals the outer threshold f = 1 - 0.9 p (the ring's share of the set, from
+    all to 10%) and, with its forced dynamic_inner, cuts the closest 10% *of that outer set*. In percentiles that
+    is w_l = 100 (1 - f), w_u = 100 - 10 f: the ring goes [0, 90] -> [90, 99], so w_u moves too (anneal_upper).
+    For any targets this keeps the cut's share of the ring fixed: 100 - w_u = (100 - w_l) (100 - upper)/(100 - lower).
+    Without anneal_upper, w_u stays at `upper` (the text of Section 4 anneals w_l only).
     """
     if policy == "none" or anneal_steps <= 0:
-        return target
-    progress = min(1.0, step / anneal_steps)
-    if policy == "linear":
-        return target * progress
-    return target * math.floor(progress * stages) / stages
+        progress = 1.0
+    elif policy == "linear":
+        progress = min(1.0, step / anneal_steps)
+    else:
+        hold = anneal_steps // ANNEAL_LEVELS  # 0 when the span is under 10 steps: the public code then skips it
+        progress = 1.0 if hold == 0 else min(ANNEAL_LEVELS - 1, step // hold) / (ANNEAL_LEVELS - 1)
+    w_l = lower * progress
+    if not anneal_upper:
+        return w_l, upper
+    return w_l, 100.0 - (100.0 - w_l) * (100.0 - upper) / (100.0 - lower)
+
+
+def learning_rate(step: int, steps_per_epoch: int, total_steps: int, cfg: Config) -> float:
+    """Cosine decay to 0 (MoCo's CIFAR demo), or with --lr-drops the paper's step schedule: lr / 10 at each listed
+    epoch (Sec. 5: "We drop the learning rate twice by a factor of 10 on epochs 200 and 250")."""
+    if not cfg.lr_drops:
+        return common.cosine_lr(step, total_steps, cfg.lr)
+    return cfg.lr * 0.1 ** sum(step >= epoch * steps_per_epoch for epoch in cfg.lr_drops)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 class MoCoRing(nn.Module):
-    """Query encoder g_q, momentum key encoder g_k, queue of K keys (buffers: saved with the model)."""
+    """--negatives queue (MoCoRing): query encoder g_q, momentum key encoder g_k, queue of K keys.
+    --negatives bank (IRing): one encoder g (= encoder_q) and a memory bank of `bank_size` entries.
+    Queue and bank are buffers, saved with the model."""
 
-    def __init__(self, cfg: Config, bn_splits: int):
+    def __init__(self, cfg: Config, bn_splits: int, bank_size: int = 0):
         super().__init__()
         self.cfg = cfg
         self.encoder_q = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
-        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)  # g_k starts as g_q
-        self.queue = common.Queue(cfg.moco_k, cfg.dim)
+        if cfg.negatives == "bank":
+            self.bank = MemoryBank(bank_size, cfg.dim)  # IR has no key encoder: its keys are the bank's entries
+        else:
+            self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)  # g_k starts as g_q
+            self.queue = common.Queue(cfg.moco_k, cfg.dim)
 
-    def forward(self, views: list[torch.Tensor], lower: float, upper: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """views: two NxCxHxW batches. Returns the loss and the keys to enqueue (NxC, or 2NxC if symmetric)."""
+    def forward(self, views: list[torch.Tensor], lower: float, upper: float, index: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the loss and what this batch writes: queue mode, the keys to enqueue (NxC, 2NxC if symmetric);
+        bank mode, the embeddings v_i (NxC) of the training indices `index` (N)."""
+        if self.cfg.negatives == "bank":
+            return self.forward_bank(views[0], index, lower, upper, generator)
         x1, x2 = views
         q1 = F.normalize(self.encoder_q(x1).float(), dim=1)  # q: NxC, Alg. 1 line 2
         k2 = F.normalize(common.encode_with_shuffled_bn(self.encoder_k, x2).float(), dim=1)  # k: NxC, line 3
@@ -210,28 +340,52 @@ class MoCoRing(nn.Module):
             loss = ring_loss(q1, k2, self.queue.keys, self.cfg.moco_t, lower, upper)
             if not self.cfg.symmetric:
                 return loss, k2
-            loss = 0.5 * (loss + ring_loss(q2, k1, self.queue.keys, self.cfg.moco_t, lower, upper))
+            # MoCo's CIFAR demo sums the two directions (loss_12 + loss_21), so at its lr each query takes the
+            # step of the asymmetric loss; a 0.5 * (...) mean would halve it.
+            loss = loss + ring_loss(q2, k1, self.queue.keys, self.cfg.moco_t, lower, upper)
             return loss, torch.cat([k1, k2])
+
+    def forward_bank(self, x: torch.Tensor, index: torch.Tensor, lower: float, upper: float,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """IRing: one view per image (Eq. 3: g(t(x_i)) against M; the public code's NCERing alike)."""
+        v = F.normalize(self.encoder_q(x).float(), dim=1)  # v: NxC, g(t(x_i))
+        with torch.autocast(v.device.type, enabled=False):
+            # Each rank holds rows [rank * N, (rank + 1) * N) of the global batch; the ring positions are drawn for
+            # the whole global batch, so N processes draw what one process draws (world-size parity).
+            loss = bank_ring_loss(v, self.bank.vectors, index, self.cfg.moco_t, lower, upper,
+                                  self.cfg.bank_negatives, generator, row_offset=common.rank() * v.shape[0],
+                                  total_rows=common.world_size() * v.shape[0])
+        return loss, v.detach()
 
 
 def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
-               step: int, steps_per_epoch: int, total_steps: int) -> dict[str, float]:
-    """One step of Algorithm 1 at a global step; returns what gets logged."""
+               step: int, steps_per_epoch: int, total_steps: int,
+               index: torch.Tensor | None = None) -> dict[str, float]:
+    """One step of Algorithm 1 (or of IRing) at a global step; `index`: the batch's training indices (IRing).
+    Returns what gets logged."""
     cfg = model.cfg
-    lr = common.cosine_lr(step, total_steps, cfg.lr)
+    lr = learning_rate(step, steps_per_epoch, total_steps, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    lower = anneal_lower(step, cfg.anneal_epochs * steps_per_epoch, cfg.ring_lower, cfg.anneal)  # line 12
+    lower, upper = ring_schedule(step, cfg.anneal_epochs * steps_per_epoch, cfg.ring_lower, cfg.ring_upper,
+                                 cfg.anneal, cfg.anneal_upper)  # line 12
+    # IRing's ring draws: a generator of (seed, step) alone, so a resumed run and every rank draw the same.
+    generator = torch.Generator().manual_seed(cfg.seed * 2**32 + step) if cfg.negatives == "bank" else None
     with common.autocast(views[0].device):
-        loss, keys = ddp_model(views, lower, cfg.ring_upper)  # lines 1-8
+        loss, written = ddp_model(views, lower, upper, index, generator)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # line 9
     optimizer.step()
-    common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 10
-    # line 11. Every rank enqueues the keys of the whole global batch, so all queues stay identical.
-    model.queue.enqueue(common.concat_all_gather(keys))
+    if cfg.negatives == "bank":
+        # After the loss, as in Wu et al. and the public code. Every rank writes the whole global batch's
+        # embeddings, so all banks stay identical.
+        model.bank.update(common.concat_all_gather(index), common.concat_all_gather(written), cfg.bank_m)
+    else:
+        common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 10
+        # line 11. Every rank enqueues the keys of the whole global batch, so all queues stay identical.
+        model.queue.enqueue(common.concat_all_gather(written))
     return {"loss": common.all_reduce_mean(loss.detach()).item(), "lr": lr, "ring_lower": lower,
-            "ring_upper": cfg.ring_upper}
+            "ring_upper": upper}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,14 +398,16 @@ def check_config(cfg: Config, num_images: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
     if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
         common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    if cfg.negatives == "bank" and cfg.symmetric:
+        common.fail("--symmetric needs two views and a key encoder; IRing (--negatives bank) has one view per image")
     try:
-        ring_bounds(cfg.moco_k, cfg.ring_lower, cfg.ring_upper)
+        ring_bounds(cfg.moco_k if cfg.negatives == "queue" else num_images, cfg.ring_lower, cfg.ring_upper)
     except ValueError as e:
         common.fail(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__)
+    cfg = parse_config(argv)
     device = common.init_distributed()
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     check_config(cfg, len(data.pretrain))
@@ -260,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     config = dataclasses.asdict(cfg)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and queue
-    model = MoCoRing(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
+    model = MoCoRing(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1,
+                     bank_size=len(data.pretrain)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -279,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = common.make_loader(common.AugmentedViews(data.pretrain, common.MultiView([augment, augment])),
+    views = common.MultiView([augment] if cfg.negatives == "bank" else [augment, augment])  # IR: one view
+    loader = common.make_loader(common.AugmentedViews(IndexedImages(data.pretrain), views),
                                 cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
@@ -292,14 +450,15 @@ def main(argv: list[str] | None = None) -> None:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
         tic, images = time.perf_counter(), 0
-        for views, _ in loader:
+        for views, index in loader:
             stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
-                               total_steps)
+                               total_steps, index.to(device))
             step += 1
             common.check_finite(stats["loss"], step)
             images += cfg.batch_size
             progress.update()
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}")
+            progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}",
+                                 w_u=f"{stats['ring_upper']:.1f}")
             if step % cfg.log_every == 0:
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0

@@ -75,19 +75,133 @@ def test_ring_bounds_reject_impossible_percentiles():
     assert moco_ring.ring_bounds(10, 99, 100) == (9, 10)  # never empty
 
 
-def test_annealing_policies():
-    target, span = 90.0, 1000
-    linear = [moco_ring.anneal_lower(s, span, target, "linear") for s in (0, 250, 500, 1000, 5000)]
-    assert linear == [0.0, 22.5, 45.0, 90.0, 90.0]
-    step = [moco_ring.anneal_lower(s, span, target, "step") for s in (0, 249, 250, 999, 1000)]
-    assert step == [0.0, 0.0, 22.5, 67.5, 90.0]
-    assert moco_ring.anneal_lower(0, span, target, "none") == target
+def test_ring_schedule_against_hand_computation():
+    # anneal_steps 1000, targets [90, 99]. linear: w_l = 90 s/1000. step: the public code's StepThresholdPolicy,
+    # thresholds f = 1.0, 0.9, ..., 0.1 of the set for 100 steps each, i.e. w_l = 100 (1 - f) = 0, 10, ..., 90.
+    # With w_u annealed (the public code's dynamic inner cut, the closest 10% of the outer set f): w_u = 100 - 10 f.
+    schedule = moco_ring.ring_schedule
+    assert [schedule(s, 1000, 90, 99, "linear", False) for s in (0, 250, 500, 1000, 5000)] == \
+        [(0.0, 99), (22.5, 99), (45.0, 99), (90.0, 99), (90.0, 99)]
+    hand = {0: (0, 90), 250: (22.5, 92.25), 500: (45, 94.5), 1000: (90, 99), 5000: (90, 99)}
+    for s, (w_l, w_u) in hand.items():
+        assert schedule(s, 1000, 90, 99, "linear", True) == pytest.approx((w_l, w_u), abs=1e-12), s
+    # step: level s // 100, capped at 9 (the last, f = 0.1, from step 900 on)
+    hand = {0: (0, 90), 99: (0, 90), 100: (10, 91), 250: (20, 92), 899: (80, 98), 900: (90, 99), 999: (90, 99),
+            5000: (90, 99)}
+    for s, (w_l, w_u) in hand.items():
+        assert schedule(s, 1000, 90, 99, "step", True) == pytest.approx((w_l, w_u), abs=1e-12), s
+    assert schedule(150, 1000, 90, 99, "step", False) == pytest.approx((10, 99))
+    assert schedule(0, 1000, 90, 99, "none", True) == (90, 99)
+    assert schedule(0, 0, 90, 99, "linear", True) == (90, 99)  # no annealing span
+    assert schedule(3, 9, 90, 99, "step", True) == (90, 99)  # span < 10 steps: the public code's repeat(.., 0) skips it
+    # The MoCo v2 baseline (0, 100) stays the whole queue under any policy
+    assert all(schedule(s, 1000, 0, 100, p, True) == (0, 100) for s in (0, 500) for p in ("linear", "step"))
+
+
+def test_public_code_ring_slice_matches_our_percentiles():
+    # Public NCERing/MoCoRing: sort descending, outer = first int(f K), ring = outer[int(0.1 outer):]. Ours: the
+    # ascending slice ring_bounds(K, w_l, w_u) of the schedule. Same entries at every level of the step policy.
+    K = 4096
+    for level in range(10):
+        f = round(1.0 - 0.1 * level, 10)
+        outer = int(f * K)
+        closest_first = list(range(K - 1, -1, -1))  # entry ids sorted by descending similarity (id = rank)
+        theirs = sorted(closest_first[:outer][int(0.1 * outer):])
+        w_l, w_u = moco_ring.ring_schedule(level * 100, 1000, 90, 99, "step", True)
+        lo, hi = moco_ring.ring_bounds(K, w_l, w_u)
+        assert abs(lo - theirs[0]) <= 1 and abs(hi - 1 - theirs[-1]) <= 1, (level, lo, hi, theirs[0], theirs[-1])
+
+
+def test_paper_recipe_sets_its_defaults_and_explicit_flags_win():
+    demo = moco_ring.parse_config([])
+    paper = moco_ring.parse_config(["--recipe", "paper"])
+    for name, value in moco_ring.PAPER_RECIPE.items():
+        assert getattr(paper, name) == value and getattr(demo, name) != value, name
+    mixed = moco_ring.parse_config(["--recipe", "paper", "--lr", "0.1", "--moco-k", "4096"])
+    assert (mixed.lr, mixed.moco_k, mixed.moco_t, mixed.lr_drops) == (0.1, 4096, 0.07, (200, 250))
+
+
+def test_learning_rate_schedules():
+    cfg = moco_ring.parse_config(["--lr", "0.03", "--lr-drops", "200", "250"])
+    # 10 steps per epoch: 0.03 until step 1999, 0.003 from 2000, 0.0003 from 2500
+    assert [moco_ring.learning_rate(s, 10, 3000, cfg) for s in (0, 1999, 2000, 2499, 2500, 2999)] == \
+        pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003], rel=1e-12)
+    cosine = moco_ring.parse_config(["--lr", "0.06"])
+    assert moco_ring.learning_rate(1500, 10, 3000, cosine) == pytest.approx(0.03)
+
+
+def naive_bank_ring_loss(q, bank, index, t, lower, upper, pick):
+    """Eq. 3 with ring negatives, one query at a time in float64: rank the whole bank, slice the ring, take the
+    entries at the given ring positions, logsumexp with the bank's own entry as positive."""
+    M, losses = bank.shape[0], []
+    for qi, i, picks in zip(q.double(), index.tolist(), pick.tolist()):
+        sims = [(qi @ row).item() / t for row in bank.double()]
+        ascending = sorted(range(M), key=lambda j: sims[j])
+        lo, hi = int(lower / 100 * M), max(int(upper / 100 * M), int(lower / 100 * M) + 1)
+        ring = ascending[lo:hi]
+        terms = [sims[i]] + [sims[ring[p]] for p in picks]
+        losses.append(math.log(sum(math.exp(s) for s in terms)) - sims[i])
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("lower,upper", [(0, 100), (50, 90), (90, 99)])
+def test_bank_ring_loss_equals_a_naive_per_sample_loop(lower, upper):
+    q, bank, index = unit(6, 16, seed=1), unit(300, 16, seed=3), torch.tensor([5, 0, 299, 17, 42, 8])
+    ours = moco_ring.bank_ring_loss(q, bank, index, 0.07, lower, upper, 50, torch.Generator().manual_seed(4))
+    lo, hi = moco_ring.ring_bounds(300, lower, upper)
+    pick = torch.randint(0, hi - lo, (6, 50), generator=torch.Generator().manual_seed(4))  # the same draw
+    assert ours.item() == pytest.approx(naive_bank_ring_loss(q, bank, index, 0.07, lower, upper, pick), rel=1e-5)
+
+
+def test_ring_draws_of_a_rank_equal_its_rows_of_the_global_draw():
+    sim = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    whole = moco_ring.sample_ring_indices(sim, 50, 90, 7, torch.Generator().manual_seed(3))
+    halves = [moco_ring.sample_ring_indices(sim[r * 4:(r + 1) * 4], 50, 90, 7, torch.Generator().manual_seed(3),
+                                            row_offset=r * 4, total_rows=8) for r in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves))
+
+
+def test_bank_gradient_reaches_the_embeddings_only():
+    q, bank = unit(4, 8, seed=1).requires_grad_(), unit(50, 8, seed=3).requires_grad_()
+    moco_ring.bank_ring_loss(q, bank, torch.arange(4), 0.1, 20, 80, 10).backward()
+    assert q.grad.abs().sum() > 0 and bank.grad is None
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5])
+def test_memory_bank_update_by_hand(m):
+    bank = moco_ring.MemoryBank(10, 4)
+    before = bank.vectors.clone()
+    v = unit(3, 4, seed=5)
+    bank.update(torch.tensor([7, 2, 9]), v, m)
+    for row, i in enumerate((7, 2, 9)):
+        mixed = m * before[i] + (1 - m) * v[row]
+        torch.testing.assert_close(bank.vectors[i], mixed / mixed.norm())
+    untouched = [i for i in range(10) if i not in (7, 2, 9)]
+    assert torch.equal(bank.vectors[untouched], before[untouched])
+
+
+def test_symmetric_loss_is_the_demos_sum_of_both_directions():
+    cfg = moco_ring.parse_config(["--arch", "small", "--symmetric", "--moco-k", "64", "--moco-t", "0.2"])
+    common.seed_everything(0)
+    model = moco_ring.MoCoRing(cfg, bn_splits=1).eval()  # eval: BN uses running stats, so shuffling is inert
+    x1, x2 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), \
+        torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss, keys = model([x1, x2], 0, 100)
+        q1, q2 = (F.normalize(model.encoder_q(x), dim=1) for x in (x1, x2))
+        k1, k2 = (F.normalize(model.encoder_k(x), dim=1) for x in (x1, x2))
+        queue = model.queue.keys
+        demo = moco_ring.ring_loss(q1, k2, queue, 0.2) + moco_ring.ring_loss(q2, k1, queue, 0.2)  # loss_12 + loss_21
+    assert loss.item() == pytest.approx(demo.item(), rel=1e-6)
+    torch.testing.assert_close(keys, torch.cat([k1, k2]))
 
 
 @needs_cifar
-def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
-    # Same global batch of 32: one process with BN in 2 contiguous groups computes what 2 gloo ranks compute.
-    common_args = [*SMALL_RUN, "--max-steps", "2"]
+@pytest.mark.parametrize("negatives", ["queue", "bank"])
+def test_one_and_two_processes_agree_on_the_first_steps(tmp_path, negatives):
+    # Same global batch of 32: one process with BN in 2 contiguous groups computes what 2 gloo ranks compute. IRing:
+    # the ring draws of each rank are its rows of the global draw, and both ranks write the whole batch to the bank.
+    common_args = [*SMALL_RUN, "--max-steps", "2", "--negatives", negatives, "--bank-negatives", "64"]
     run_script("moco_ring.py", *common_args, "--bn-splits", "2", "--out-dir", str(tmp_path / "one"))
     run_script("moco_ring.py", *common_args, "--out-dir", str(tmp_path / "two"), nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -95,14 +209,17 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
     assert one[1]["loss"] == pytest.approx(two[1]["loss"], rel=1e-4)
     assert "knn_top1" in one[-1] and "knn_top1" in two[-1]
     saved = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")]
-    torch.testing.assert_close(saved[0]["model"]["queue.keys"], saved[1]["model"]["queue.keys"], atol=1e-5, rtol=0)
+    state = "queue.keys" if negatives == "queue" else "bank.vectors"
+    torch.testing.assert_close(saved[0]["model"][state], saved[1]["model"][state], atol=1e-5, rtol=0)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["world_size"] == 2 and config["config"]["stem"] == "cifar"
 
 
 @needs_cifar
-def test_resume_continues_exactly(tmp_path):
-    args = [*SMALL_RUN, "--batch-size", "16", "--moco-k", "64", "--epochs", "1", "--knn-every", "0"]
+@pytest.mark.parametrize("negatives", ["queue", "bank"])
+def test_resume_continues_exactly(tmp_path, negatives):
+    args = [*SMALL_RUN, "--batch-size", "16", "--moco-k", "64", "--epochs", "1", "--knn-every", "0",
+            "--negatives", negatives, "--bank-negatives", "32"]
     # 20k images / 16 = 1250 steps per epoch; stop at 3, resume to 6, compare with a straight run to 6
     moco_ring.main([*args, "--max-steps", "3", "--out-dir", str(tmp_path / "a")])
     moco_ring.main([*args, "--max-steps", "6", "--out-dir", str(tmp_path / "a"),
@@ -115,6 +232,11 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r] == \
            [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    if negatives == "bank":  # 6 steps of 16 wrote 96 distinct entries; the other 19,904 keep their random init
+        cfg = moco_ring.parse_config([*args, "--stem", "cifar"])
+        common.seed_everything(cfg.seed)
+        init = moco_ring.MoCoRing(cfg, bn_splits=8, bank_size=20000).bank.vectors
+        assert (a["model"]["bank.vectors"] != init).any(dim=1).sum() == 96
 
 
 @needs_cifar
@@ -144,6 +266,8 @@ def test_short_cpu_run_learns_on_real_images(tmp_path):
     (["--dataset", "synthetic", "--batch-size", "5000"], "larger than the dataset"),
     (["--dataset", "synthetic", "--ring-lower", "80", "--ring-upper", "20"], "0 <= lower < upper <= 100"),
     (["--dataset", "synthetic", "--resume", "README.md"], "not a checkpoint"),
+    (["--dataset", "synthetic", "--negatives", "bank", "--symmetric"], "IRing (--negatives bank) has one view"),
+    (["--bank-m", "1"], "--bank-m: 1.0 is out of range"),
 ])
 def test_bad_input_gives_one_clear_error_line(tmp_path, args, message):
     result = run_script("moco_ring.py", *args, "--out-dir", str(tmp_path / "run"), check=False)
@@ -159,12 +283,14 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     moco_ring.main(args)
     result = run_script("moco_ring.py", *args, "--moco-t", "0.2", "--resume", str(tmp_path / "a" / "checkpoint.pt"),
                         check=False)
-    assert result.returncode != 0 and "different config (moco_t: 0.1 -> 0.2)" in result.stderr
+    assert result.returncode != 0 and "0.1 -> 0.2" in result.stderr  # moco_t, in either wording of common.py
     result = run_script("moco_ring.py", *args, check=False)  # a fresh run must not overwrite the old one
     assert result.returncode != 0 and "already holds a run" in result.stderr
 
 
-@pytest.mark.parametrize("flags", [["--symmetric"], ["--anneal", "step", "--no-mlp"]])
+@pytest.mark.parametrize("flags", [["--symmetric"], ["--anneal", "step", "--no-mlp"], ["--no-anneal-upper"],
+                                   ["--negatives", "bank", "--bank-negatives", "20", "--bank-m", "0.5"],
+                                   ["--recipe", "paper", "--moco-k", "40", "--batch-size", "16", "--lr-drops", "1"]])
 def test_variants_run(tmp_path, flags):
     moco_ring.main(["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "16",
                     "--moco-k", "40", "--max-steps", "3", "--epochs", "1", "--knn-bank-size", "64",
