@@ -38,8 +38,10 @@ CHECKPOINT_FORMAT = "negsampling-checkpoint-v1"
 
 def fail(message: str) -> None:
     """Stop with one clear line on stderr and exit code 1 (bad input, impossible sizes, NaN loss...)."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")  # off the progress bar's line
+    progress = sys.modules.get("tqdm")
+    if progress is not None:  # close the open progress bars first, or the last one is printed after the error
+        for bar in list(getattr(progress.tqdm, "_instances", ())):
+            bar.close()
     raise SystemExit(f"error: {message}")
 
 
