@@ -921,6 +921,9 @@ def load_checkpoint(path: str, script: str | None = None, config: dict | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 # Linear probe entry point: python common.py probe CHECKPOINT
 # ---------------------------------------------------------------------------------------------------------------------
+PROBED_SCRIPTS = ("moco_ring", "adco", "mmcl")  # image backbones on IMAGE_DATASETS
+
+
 def probe_main(argv: Sequence[str] | None = None) -> None:
     parser = OneLineErrorParser(description="Linear probe of a saved checkpoint's frozen backbone",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -932,7 +935,15 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test-size", type=int, default=0, help="evenly spaced test subset (0: all)")
     parser.add_argument("--workers", type=int, default=4, help="data loader processes")
     args = parser.parse_args(argv)
+    for flag, check in (("epochs", at_least(1)), ("lr", POSITIVE), ("train_size", NON_NEGATIVE),
+                        ("test_size", NON_NEGATIVE), ("workers", NON_NEGATIVE)):
+        if not check.accepts(getattr(args, flag)):
+            parser.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is out of range "
+                         f"(must be {check.rule})")
     state = load_checkpoint(args.checkpoint)
+    if state["script"] not in PROBED_SCRIPTS:
+        fail(f"{args.checkpoint} was written by {state['script']}.py; the probe reads the image scripts' checkpoints "
+             f"({', '.join(s + '.py' for s in PROBED_SCRIPTS)})")
     cfg = state["config"]
     device = init_distributed()
     data = load_image_data(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"], download=True)
@@ -1026,4 +1037,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == [] or sys.argv[1] not in COMMANDS:
         sys.exit("usage: python common.py probe CHECKPOINT [...] | python common.py plot RUN_DIR [RUN_DIR ...] "
                  "[--out curves.png] (see --help of each)")
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    run_main(lambda: COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -90,3 +90,80 @@ def test_a_changed_setting_is_named_and_nothing_is_touched(taxonomy_straight, tm
     assert error_line(stop, capsys) == (f"error: {taxonomy_straight / 'checkpoint.pt'} was trained with other "
                                         "settings (--moco-t 0.1 -> 0.2); to start a new run, pass another --out-dir")
     assert {p.name: p.stat().st_mtime_ns for p in taxonomy_straight.iterdir()} == before
+
+
+# Nonsense values that each once trained a run, or gave a traceback, with the rule each breaks.
+NONSENSE = [(["--batch-size", "0"], "--batch-size: 0 is out of range"),
+            (["--batch-size", "-8"], "--batch-size: -8 is out of range"),
+            (["--epochs", "0"], "--epochs: 0 is out of range"),
+            (["--max-steps", "-1"], "--max-steps: -1 is out of range"),
+            (["--lr", "-1"], "--lr: -1.0 is out of range"),
+            (["--lr", "nan"], "--lr: nan is out of range"),
+            (["--workers", "-1"], "--workers: -1 is out of range"),
+            (["--moco-t", "-0.1"], "--moco-t: -0.1 is out of range"),
+            (["--moco-m", "1.5"], "--moco-m: 1.5 is out of range"),
+            (["--dim", "0"], "--dim: 0 is out of range"),
+            (["--knn-k", "0"], "--knn-k: 0 is out of range"),
+            (["--log-every", "0"], "--log-every: 0 is out of range"),
+            (["--checkpoint-minutes", "-1"], "--checkpoint-minutes: -1.0 is out of range")]
+SCRIPT_NONSENSE = {
+    "moco_ring": [(["--moco-k", "0"], "--moco-k: 0 is out of range"), (["--image-size", "-4"], "--image-size: -4"),
+                  (["--bn-splits", "0"], "--bn-splits: 0 is out of range"), (["--ring-upper", "150"], "--ring-upper")],
+    "moco_acc": [(["--moco-k", "-5"], "--moco-k: -5 is out of range"),
+                 (["--warmup-steps", "-5"], "--warmup-steps: -5 is out of range")],
+    "moco_taxonomy": [(["--moco-k", "0"], "--moco-k: 0 is out of range")],
+}
+
+
+@pytest.mark.parametrize("script, args, message", [(script, *case) for script in SCRIPT_NONSENSE
+                                                   for case in NONSENSE + SCRIPT_NONSENSE[script]
+                                                   if not (script == "moco_taxonomy" and "--image-size" in case[0])])
+def test_nonsense_values_are_refused_before_anything_is_written(tmp_path, capsys, script, args, message):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main([*args, "--out-dir", str(tmp_path / "run")])
+    line = error_line(stop, capsys)
+    assert line.startswith("error:") and message in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda d: (d / "file").write_text(""), "is a file, not a directory"),
+])
+def test_an_out_dir_that_cannot_hold_a_run_is_refused(tmp_path, capsys, make_bad, message):
+    import moco_taxonomy
+
+    make_bad(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        moco_taxonomy.main([*TAXONOMY[1:], "--max-steps", "1", "--out-dir", str(tmp_path / "file")])
+    assert message in error_line(stop, capsys)
+
+
+def test_a_zero_byte_or_foreign_checkpoint_gets_one_line(tmp_path, capsys):
+    import common
+    import moco_taxonomy
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: .*empty.pt is not a checkpoint of this project"):
+        moco_taxonomy.main([*TAXONOMY[1:], "--resume", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "r")])
+    moco_taxonomy.main([*TAXONOMY[1:], "--max-steps", "1", "--out-dir", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py; the probe reads"):
+        common.probe_main([str(tmp_path / "t" / "checkpoint.pt")])
+
+
+@needs_cifar
+@pytest.mark.parametrize("content", [b"", b"not an image at all", None])
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, content):
+    """A zero-byte file, garbage, a truncated JPEG: one error line naming the file, from a loader worker too."""
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i, jpeg in enumerate(sorted((CIFAR_JPG / split / "cat").iterdir())[:8]):
+                (tmp_path / split / label / jpeg.name).write_bytes(jpeg.read_bytes())
+    bad = tmp_path / "train" / "b" / "bad.jpg"
+    bad.write_bytes(content if content is not None else (CIFAR_JPG / "train" / "cat" / "0000.jpg").read_bytes()[:300])
+    result = run_script("moco_ring.py", "--dataset", "folder", "--data-root", str(tmp_path), "--arch", "small",
+                        "--workers", "1", "--batch-size", "17", "--moco-k", "34", "--bn-splits", "1",
+                        "--knn-bank-size", "8", "--knn-test-size", "8", "--out-dir", str(tmp_path / "run"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {bad}")
