@@ -17,6 +17,7 @@ One training step, as implemented here (line numbers are cited in the code):
      6  theta <- theta - lr_theta * dL_{t=0.12}/dtheta    # Eq. (3), SGD, n held fixed       (train_step)
      7  W <- W + lr_N * dL_{t=0.02}/dW                    # Eq. (4)-(6), SGD ascent, q held fixed; gradient averaged
                                                           #   over ranks; --adv-loss J ascends J (Sec. 4.1) instead
+        W <- W/|W| row by row                             # Sec. 5.1: unit norm after each update (--renormalize)
      8  theta_k <- m theta_k + (1 - m) theta              # MoCo's momentum update           (train_step)
 The paper calls the updates alternating; as in the official code, both players take their gradient from the same
 forward pass (lines 2-5) and step one after the other, so the bank costs one KxC gradient per step and no extra pass
@@ -29,15 +30,23 @@ Where the paper and its public code (maple-research-lab/AdCo, ../shared/papers/R
 - Initialisation (Sec. 5.1: "output feature vectors over randomly drawn training images"). The official code fills
   the bank with keys during a first pass in which it also trains the encoder against a random bank. I encode K
   random training images (one augmented view each) with the untrained key encoder and train nothing.
-- The bank is stored unnormalized, W: KxC, and used as n = W/|W| (the official code does the same and adds weight
-  decay on W). Footnote 1 of Sec. 3.2 asks for the derivative w.r.t. the vector before normalization; autograd
-  takes it through F.normalize, i.e. (I - n n^T)/|W| applied to Eq. (6). tests/test_adco.py checks it by hand.
+- The bank is stored as W: KxC and used as n = W/|W| (the official code does the same and adds weight decay on W).
+  Footnote 1 of Sec. 3.2 asks for the derivative w.r.t. the vector before normalization; autograd takes it through
+  F.normalize, i.e. (I - n n^T)/|W| applied to Eq. (6). tests/test_adco.py checks it by hand.
+- Renormalization. Sec. 5.1: "All negative adversaries are also l2-normalized in each iteration to have a unit norm
+  after they are updated by the SGD optimizer"; the official code never does it, so there |W| drifts (each step
+  adds a component orthogonal to W, and the momentum keeps adding it) and the angular step, about lr |dL/dn| / |W|^2,
+  shrinks as |W| grows. I follow the paper (--renormalize, the default); --no-renormalize gives the official code.
+  The SGD momentum buffer is left as it is, as the sentence says nothing of it.
 - The bank's lr follows its own cosine schedule, as the paper says of both players (the official code keeps 3.0).
 - Multi-crop (Sec. 5.2.1, five crops 224/192/160/128/96 px): as in the official code, one more full-size crop gives
   the key and the five crops are queries; their losses (and the bank's gradients) are summed. Crop sides scale
   with the image (32 px CIFAR: 32, 27, 23, 18, 14), with the official scale ranges. Not combined with --symmetric
   (neither is the official code).
-- Symmetric loss (Appendix A, official code): each view is query once and key once, 0.5/0.5 for both players.
+- Symmetric loss (Appendix A, official code): each view is query once and key once, and the two losses are
+  averaged, 0.5/0.5, for both players (the official update_sym_network weighs the encoder's losses and the bank's
+  gradients by 0.5 each). MoCo's CIFAR demo, which moco_ring.py --symmetric follows, sums them instead: at the same
+  lr its step is twice ours. The appendix is not in the text I have, so the official code decides here.
 - Defaults for CIFAR follow MoCo's CIFAR-10 demo as moco_ring.py does (ResNet-18, 3x3 stem, SplitBN 8, batch 512,
   m 0.99, SGD lr 0.06 cosine, wd 5e-4) with K = 4096 adversaries (the demo's queue size); the AdCo-specific values
   are the paper's ImageNet ones (t 0.12 and 0.02, bank lr 3.0, momentum 0.9, wd 1e-4), untuned for CIFAR.
@@ -45,6 +54,7 @@ Where the paper and its public code (maple-research-lab/AdCo, ../shared/papers/R
 Run:
     python adco.py                                                 # CIFAR-10 (downloaded), ResNet-18, one device
     python adco.py --symmetric                                     # Appendix A
+    python adco.py --no-renormalize                                # the official code: |W| left to drift
     python adco.py --multi-crop                                    # Sec. 5.2.1
     python adco.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 adco.py --batch-size 512           # 4 GPUs (global batch 512), or 4 CPU processes
@@ -54,13 +64,18 @@ Run:
 
 Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
 each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (156 steps) of the small CNN on the
-CIFAR-10 JPEGs at 32 px, batch 128, K 4096, every other flag at its default:
+CIFAR-10 JPEGs at 32 px, batch 128, K 4096, every other flag at its default of the time (before --renormalize, so
+as --no-renormalize):
     random init 33.3 | MoCo v2 (moco_ring.py --ring-lower 0 --ring-upper 100) 35.5 | AdCo 37.0 | --symmetric 39.0 |
     --multi-crop 30.0 (32.6 at --lr 0.012) | --adv-loss J 28.7 (31.6 at --mem-lr 0.04)
     python adco.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 0 --batch-size 128
-        --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 [--symmetric | --multi-crop | --adv-loss J]
+        --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 --no-renormalize [--symmetric | ...]
 The adversaries track the queries: a query's similarity to its nearest adversary averages 0.90-0.93 from step 30
-on. With J at --mem-lr 3.0 they overshoot (|W| grows to 34) and lose the queries (nearest similarity 0.2-0.35), as
+on. Renormalization (Sec. 5.1), first 80 steps of the same epoch, one run each: without it the mean |W| goes
+1.00 -> 1.25 (step 36) -> 1.18 and the nearest-adversary similarity averages 0.908 over steps 41-80; with it |W|
+stays 1 and the similarity averages 0.949; kNN top-1 at step 80: 34.70 without, 34.65 with (figures/adco_curves.png):
+    python adco.py ...the command above... --max-steps 80 [--no-renormalize]
+With J at --mem-lr 3.0 they overshoot (|W| grows to 34) and lose the queries (nearest similarity 0.2-0.35), as
 J's gradient is not divided by N t. Multi-crop did not help at this scale (crops of 14-27 px, one epoch).
 Step throughput at batch 256 (python benchmark.py adco --steps 30, small CNN, variants interleaved): MoCo v2 325
 images/s, AdCo 324 (x0.998) with 1 CPU thread; x0.85-0.90 in three runs with 2 threads on the loaded machine.
@@ -139,13 +154,20 @@ class Config:
     # MoCo
     moco_m: float = option(0.99, "momentum m of the key encoder (the paper: 0.999 on ImageNet)")
     moco_t: float = option(0.12, "temperature t of the encoder's loss (Sec. 5.1)")
-    symmetric: bool = option(False, "symmetric loss (Appendix A): each view is query once and key once")
+    # Averaged, as the official code does for both players: at the same lr the step is one direction's size, half
+    # that of MoCo's CIFAR demo, which sums the two (moco_ring.py --symmetric). tests/test_adco.py checks the scale.
+    symmetric: bool = option(False, "symmetric loss (Appendix A): each view is query once and key once, the two "
+                                    "losses averaged 0.5/0.5 as in the official code (MoCo's demo sums them)")
     # AdCo: the negative adversaries (Sec. 3.2, 5.1)
     bank_size: int = option(4096, "number K of negative adversaries (the paper: 65536 on ImageNet)")
     mem_t: float = option(0.02, "temperature t of the adversaries' objective (Sec. 5.1)")
     mem_lr: float = option(3.0, "SGD learning rate of the adversaries (cosine decay to 0)")
     mem_momentum: float = option(0.9, "SGD momentum of the adversaries")
     mem_wd: float = option(1e-4, "weight decay of the (unnormalized) adversaries")
+    # On by default: the paper (Sec. 5.1) says so; off is the official code, where |W| drifts (1.00 -> 1.25 in 40
+    # CPU steps) and the adversaries' angular step shrinks with it.
+    renormalize: bool = option(True, "l2-normalize every adversary after each of its SGD steps (Sec. 5.1); "
+                                     "--no-renormalize: the official code, which never does")
     adv_loss: str = option("ce", "what the adversaries maximize: 'ce' the contrastive loss (Eq. 1), "
                                  "'J' the alternative of Sec. 4.1 (Eq. 7)", choices=("ce", "J"))
     multi_crop: bool = option(False, "five query crops of decreasing size against one full-size key crop (Sec. 5.2.1)")
@@ -218,7 +240,7 @@ class AdCo(nn.Module):
         else:
             x1, x2 = views
             pairs, weight = [(self.query(x1), self.key(x2))], 1.0
-            if cfg.symmetric:
+            if cfg.symmetric:  # Appendix A, averaged as in the official code (see Config.symmetric)
                 pairs, weight = pairs + [(self.query(x2), self.key(x1))], 0.5
         with torch.autocast(views[0].device.type, enabled=False):  # fp32: t = 0.02 puts logits up to 50
             # Eq. (2), one side detached in each term: the loss reaches only theta, the objective only W.
@@ -311,6 +333,9 @@ def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
     (loss + objective).backward()
     optimizer.step()  # line 6: descent
     bank_optimizer.step()  # line 7: ascent (maximize=True), weight decay still shrinks W
+    if cfg.renormalize:  # Sec. 5.1: back to unit norm, so |W| cannot grow and shorten the next angular step
+        with torch.no_grad():
+            model.bank.copy_(F.normalize(model.bank, dim=1))
     common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 8
     return {"loss": common.all_reduce_mean(loss.detach()).item(),
             "adv_loss": common.all_reduce_mean(objective.detach()).item(),

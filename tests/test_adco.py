@@ -103,10 +103,11 @@ def queries_keys(model, views):
     return model.query(views[0]).double(), F.normalize(model.encoder_k(views[1]), dim=1).double()
 
 
-def test_one_bank_step_is_the_ascent_of_eq6_and_raises_the_loss():
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_one_bank_step_is_the_ascent_of_eq6_and_raises_the_loss(renormalize):
     # The encoder stands still: only the adversaries move. An adversary's step is about lr/(K t) long; with K = 48
     # instead of the paper's 65536, lr 3.0 would jump far past the queries, so the step here is a short one.
-    model, views = tiny_model(lr=0.0, mem_lr=0.05)
+    model, views = tiny_model(lr=0.0, mem_lr=0.05, renormalize=renormalize)
     optimizer, bank_optimizer = adco.make_optimizers(model)
     q, k = queries_keys(model, views)
     W = model.bank.detach().double().clone()
@@ -115,9 +116,49 @@ def test_one_bank_step_is_the_ascent_of_eq6_and_raises_the_loss():
     # First SGD step with momentum and weight decay: W + lr (dL/dW - wd W), dL/dW of Eq. (6) at t = 0.02.
     cfg = model.cfg
     expected = W + cfg.mem_lr * (eq6_by_hand(q, k, W, cfg.mem_t) - cfg.mem_wd * W)
+    norms = model.bank.detach().double().norm(dim=1)
+    if renormalize:  # Sec. 5.1: then back to unit norm, every adversary
+        expected = expected / expected.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    else:  # the official code: the step leaves the sphere (today's behaviour, kept by --no-renormalize)
+        assert (norms - 1).abs().max() > 1e-5  # second order in this short step (float32 rounding: 1e-7)
     torch.testing.assert_close(model.bank.detach().double(), expected, rtol=0, atol=1e-5)
     after = [adco.adco_loss(q, k, model.bank.detach().double(), t).item() for t in (0.02, 0.12)]
     assert after[0] > before[0] and after[1] > before[1]
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_renormalization_keeps_the_bank_on_the_sphere_over_steps(renormalize):
+    # Five steps of both players at the default bank lr: with --renormalize every adversary has unit norm after
+    # every step; without (the official code) the mean norm drifts away from 1.
+    model, views = tiny_model(renormalize=renormalize)
+    optimizer, bank_optimizer = adco.make_optimizers(model)
+    for step in range(5):
+        stats = adco.train_step(model, model, optimizer, bank_optimizer, views, step, 100)
+        norms = model.bank.detach().norm(dim=1)
+        if renormalize:
+            torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    assert stats["bank_norm"] == pytest.approx(norms.mean().item())
+    if not renormalize:
+        assert norms.mean() > 1.01
+
+
+def test_symmetric_loss_averages_both_directions_as_the_official_code():
+    # Appendix A as the official code has it: 0.5 L(q1, k2) + 0.5 L(q2, k1) for the encoder (t 0.12) and for the
+    # adversaries (t 0.02). The scale: two identical views give exactly one direction's loss (MoCo's demo, which
+    # sums the two, would give twice as much, and twice the gradient).
+    model, (x1, x2) = tiny_model(symmetric=True)
+    W = model.bank.detach().double()
+    with torch.no_grad():
+        loss, objective, _ = model([x1, x2])
+        (q1, k2), (q2, k1) = queries_keys(model, [x1, x2]), queries_keys(model, [x2, x1])
+        for value, t in ((loss, 0.12), (objective, 0.02)):
+            expected = 0.5 * adco.adco_loss(q1, k2, W, t) + 0.5 * adco.adco_loss(q2, k1, W, t)
+            assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        same_loss, same_objective, _ = model([x1, x1])
+        _, k1 = queries_keys(model, [x1, x1])
+        assert same_loss.item() == pytest.approx(adco.adco_loss(q1, k1, W, 0.12).item(), rel=1e-5)
+        assert same_objective.item() == pytest.approx(adco.adco_loss(q1, k1, W, 0.02).item(), rel=1e-5)
 
 
 def test_one_encoder_step_lowers_the_loss():
@@ -127,7 +168,7 @@ def test_one_encoder_step_lowers_the_loss():
     q, k = queries_keys(model, views)
     before = adco.adco_loss(q, k, W.double(), model.cfg.moco_t).item()
     adco.train_step(model, model, optimizer, bank_optimizer, views, 0, 100)
-    assert torch.equal(model.bank.detach(), W)
+    torch.testing.assert_close(model.bank.detach(), W, rtol=0, atol=1e-6)  # renormalized: moved by rounding only
     after = adco.adco_loss(queries_keys(model, views)[0], k, W.double(), model.cfg.moco_t).item()
     assert after < before
 
