@@ -431,6 +431,354 @@ class MultiView:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Device augmentation and in-memory datasets (issue 13): the MoCo v2 / SimCLR recipe of `pretrain_transform`,
+# applied to a uint8 batch on the training device, every sample with parameters drawn from its own seed
+# ---------------------------------------------------------------------------------------------------------------------
+# Why not kornia: it draws a batch's parameters from the global generator as one tensor, so a sample's crop would
+# depend on its batch position and on the RNG state (exact resume and 1 == N processes would need a wrapper around
+# every sampler), and it would be a run-time dependency for about 200 lines. The ops below are torchvision's own
+# formulas; tests/test_augment.py checks them op by op against torchvision.transforms.functional.
+AUGMENT_CHOICES = ("device", "cpu")
+_UNIFORMS_PER_VIEW = 64  # counters reserved per view in a sample's random stream (53 used)
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes, then falls back to a centre crop
+
+
+def _splitmix64(x):
+    """The splitmix64 finaliser on a numpy uint64 array (wraps modulo 2^64 by definition, on every CPU)."""
+    import numpy as np
+
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seeded_uniforms(seeds: torch.Tensor, count: int, stream: int = 0) -> torch.Tensor:
+    """`count` uniforms in [0, 1) per seed: N seeds -> Nxcount float64. Counter-based (splitmix64 of the mixed seed
+    plus the counter), so row i is a pure function of seeds[i], the stream and the counter: it never depends on
+    the batch it sits in, the batch size, the device or any generator state. `stream` separates the views."""
+    import numpy as np
+
+    mixed = _splitmix64(seeds.cpu().numpy().astype(np.uint64)[:, None] + np.uint64(0x9E3779B97F4A7C15))
+    counters = np.arange(stream * count + 1, (stream + 1) * count + 1, dtype=np.uint64)[None, :]
+    bits = _splitmix64(mixed + counters * np.uint64(0x9E3779B97F4A7C15))
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)  # 53 random bits, as torch
+
+
+class ViewParams(NamedTuple):
+    """One view's parameters for N samples (CPU tensors), what torchvision's transforms would draw for each sample:
+    crop box (top, left, height, width: RandomResizedCrop.get_params), jitter applied (RandomApply p=0.8), the
+    order of brightness/contrast/saturation/hue (ColorJitter.get_params' randperm: Nx4 op ids) and their factors
+    (Nx4: b, c, s in [0.6, 1.4], h in [-0.1, 0.1]), grayscale (p=0.2), blur applied (p=0.5) and its sigma, flip."""
+    top: torch.Tensor
+    left: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+    jitter: torch.Tensor
+    order: torch.Tensor
+    factors: torch.Tensor
+    grayscale: torch.Tensor
+    blur: torch.Tensor
+    sigma: torch.Tensor
+    flip: torch.Tensor
+
+
+class DeviceAugment:
+    """`pretrain_transform` on a batch: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3), bilinear with
+    torchvision's antialias), colour jitter 0.4/0.4/0.4/0.1 in a random order with p=0.8, grayscale p=0.2, Gaussian
+    blur (kernel 10% of the side, sigma in (0.1, 2), p=0.5) from 64 px up, horizontal flip, normalisation.
+
+    `augment(images, seeds, view)`: images NxCxHxW uint8 on any device (all one size), seeds N int64 (the
+    EpochSampler's) -> NxCxSxS float32, S = image_size. Sample i's parameters are `seeded_uniforms(seeds[i], ..,
+    stream=view)`: a pure function of its seed, hence exact resume and 1-process == N-process parity."""
+
+    CPU_CHUNK = 128
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2):
+        self.size, self.min_scale = image_size, min_scale
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.blur_kernel = int(0.1 * image_size) // 2 * 2 + 1 if image_size >= 64 else 0  # as pretrain_transform
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor, view: int = 0) -> torch.Tensor:
+        params = self.params(seeds, images.shape[-2], images.shape[-1], view)
+        if images.device.type != "cpu":
+            return self.apply(images, params)
+        # On a CPU, slices of CPU_CHUNK images keep every intermediate in the cache (measured 2x faster than the
+        # whole batch at once); each sample's result is the same either way.
+        out = torch.empty(images.shape[0], images.shape[1], self.size, self.size)
+        for rows in torch.arange(images.shape[0]).split(self.CPU_CHUNK):
+            out[rows[0]:rows[-1] + 1] = self.apply(images[rows], ViewParams(*(t[rows] for t in params)))
+        return out
+
+    def views(self, images: torch.Tensor, seeds: torch.Tensor, num_views: int) -> list[torch.Tensor]:
+        return [self(images, seeds, view) for view in range(num_views)]
+
+    def params(self, seeds: torch.Tensor, height: int, width: int, view: int = 0) -> ViewParams:
+        u = seeded_uniforms(seeds, _UNIFORMS_PER_VIEW, stream=view)  # u: Nx64, one column per draw
+        a = _CROP_ATTEMPTS
+        # RandomResizedCrop.get_params, its 10 attempts at once: area fraction ~ U(scale), log-ratio ~ U(log ratio),
+        # the first attempt whose box fits wins; none fits: the centre crop clamped to the ratio range.
+        area = height * width * (self.min_scale + (1.0 - self.min_scale) * u[:, 0:a])  # Nx10
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, a:2 * a]
+        w = torch.sqrt(area * torch.exp(log_ratio)).round()  # round half to even, as Python's round()
+        h = torch.sqrt(area / torch.exp(log_ratio)).round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # first fitting attempt (0 where none fits)
+        h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+        top = (u[:, 2 * a] * (height - h + 1)).floor()  # torch.randint(0, height - h + 1)
+        left = (u[:, 2 * a + 1] * (width - w + 1)).floor()
+        none_fit = ~fits.any(1)
+        if none_fit.any():
+            in_ratio = width / height
+            fh, fw = ((round(width / (3 / 4)), width) if in_ratio < 3 / 4 else
+                      (height, round(height * 4 / 3)) if in_ratio > 4 / 3 else (height, width))
+            h[none_fit], w[none_fit] = float(fh), float(fw)
+            top[none_fit], left[none_fit] = float((height - fh) // 2), float((width - fw) // 2)
+        b = 2 * a + 2  # 22 columns used so far
+        factors = torch.stack([0.6 + 0.8 * u[:, b + 5], 0.6 + 0.8 * u[:, b + 6], 0.6 + 0.8 * u[:, b + 7],
+                               -0.1 + 0.2 * u[:, b + 8]], dim=1)  # ColorJitter(0.4, 0.4, 0.4, 0.1).get_params
+        return ViewParams(top.long(), left.long(), h.long(), w.long(), jitter=u[:, b] < 0.8,
+                          order=u[:, b + 1:b + 5].argsort(1),  # a uniformly random permutation of the 4 ops
+                          factors=factors.float(), grayscale=u[:, b + 9] < 0.2,
+                          blur=(u[:, b + 10] < 0.5) & (self.blur_kernel > 0),
+                          sigma=(0.1 + 1.9 * u[:, b + 11]).float(), flip=u[:, b + 12] < 0.5)
+
+    def apply(self, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """The view of each image for the given parameters: crop + resize + flip, jitter, grayscale, blur, normalise."""
+        device, (height, width) = images.device, images.shape[-2:]
+        p = ViewParams(*(t.to(device, non_blocking=True) for t in p))
+        rows = resize_matrix(p.top, p.height, height, self.size).div_(255.0)  # NxSxH, ToTensor's /255 folded in
+        cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
+        x = crop_resize(images, rows, cols)  # x: NxCxSxS in [0, 1]
+        color_jitter(x, p.jitter, p.order, p.factors)
+        mask = p.grayscale.float().view(-1, 1, 1, 1)  # RandomGrayscale: x <- gray where drawn, exactly x elsewhere
+        gray = grayscale(x).mul_(mask)
+        x.mul_(1.0 - mask).add_(gray)
+        blurred = p.blur.nonzero().squeeze(1)
+        if len(blurred):
+            x[blurred] = gaussian_blur(x[blurred], self.blur_kernel, p.sigma[blurred])
+        # Flipping last (pretrain_transform's order) or first gives the same image: the colour ops act per pixel
+        # and the blur is symmetric with reflect padding, so the flip lives in the column matrix above.
+        return x.sub_(self.mean.to(device)).div_(self.std.to(device))  # Normalize(mean, std)
+
+
+def resize_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """NxSxI matrices (S = out_size, I = in_size): row o holds the weights of the input pixels that make output
+    pixel o when the pixels [start, start + length) of each sample are resized to S pixels, bilinear with
+    antialiasing when shrinking: the filter of PIL and of torch's `interpolate(..., antialias=True)` (what
+    torchvision's resized_crop uses): a triangle of half-width max(scale, 1) centred on (o + 0.5) * scale, cut to
+    the crop, normalised. `flip`: mirror those samples' outputs."""
+    device = start.device
+    scale = (length.float() / out_size).view(-1, 1, 1)  # input pixels per output pixel
+    center = (torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale  # NxSx1
+    if flip is not None:
+        center = torch.where(flip.view(-1, 1, 1), center.flip(1), center)
+    pixel = torch.arange(in_size, device=device).view(1, 1, -1) - start.view(-1, 1, 1)  # Nx1xI, crop coordinates
+    inside = ((pixel >= 0) & (pixel < length.view(-1, 1, 1))).float()
+    weight = (pixel.float() + 0.5 - center).abs_().div_(scale.clamp(min=1.0)).neg_().add_(1.0).clamp_(min=0.0)
+    weight.mul_(inside)  # 1 - |distance| / half-width, outside the crop: 0
+    return weight.div_(weight.sum(2, keepdim=True))
+
+
+def crop_resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[n, c] = rows[n] @ images[n, c] @ cols[n].T for NxCxHxW images, NxSxH rows, NxSxW cols: each sample's
+    own crop and resize as two batched matrix products (the separable filter; faster than a gather on a CPU)."""
+    n, c, height, width = images.shape
+    x = torch.bmm(images.float().view(n, c * height, width), cols.transpose(1, 2))  # Nx(C*H)xS
+    return torch.matmul(rows.unsqueeze(1), x.view(n, c, height, -1))  # NxCxSxS
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Nx3xHxW -> Nx1xHxW luma with torchvision's rgb_to_grayscale weights (ITU-R 601-2), as one matrix product
+    (same value, 2.5x faster on the CPU than the weighted sum of three planes)."""
+    n, _, height, width = x.shape
+    return torch.matmul(_LUMA.to(x.device), x.reshape(n, 3, height * width)).view(n, 1, height, width)
+
+
+_LUMA = torch.tensor([0.2989, 0.587, 0.114])
+
+
+def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue (RGB -> HSV, h + hue mod 1, HSV -> RGB) for N images and N factors, in the closed
+    form that never builds the HSV image: a hue rotation keeps each pixel's max and min channel, and channel c of
+    the result is max - (max - min) * clamp(2 - |k - 2|, 0, 1) with k = (n_c + 6h) mod 6, n = 5, 3, 1 for R, G, B
+    (the sector table of torchvision's _hsv2rgb, the same value up to float rounding). In-place where possible:
+    on a CPU a fresh buffer costs as much as the arithmetic."""
+    r, g, b = x.unbind(1)
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # faster than amax
+    spread = maxc - minc
+    divisor = torch.where(spread == 0, 1.0, spread)  # grey pixels: any hue gives max, as in torchvision
+    # 6h in [-1, 5] by torchvision's _rgb2hsv sectors: max = r, else max = g, else max = b
+    h6 = torch.where(maxc == r, (g - b).div_(divisor),
+                     torch.where(maxc == g, (b - r).div_(divisor).add_(2.0), (r - g).div_(divisor).add_(4.0)))
+    h6.add_(6.0 * hue.view(-1, 1, 1))
+    k = (h6.unsqueeze(1) + _HUE_OFFSETS.to(x.device)).remainder_(6.0)  # k: Nx3xHxW
+    k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(1), spread.unsqueeze(1), k, value=-1.0)
+
+
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+
+
+def color_jitter(x: torch.Tensor, applied: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> None:
+    """ColorJitter in place, with per-sample factors (Nx4: brightness, contrast, saturation, hue) applied in each
+    sample's own order (Nx4 op ids) to the samples where `applied`, with torchvision's blends (clamped to [0, 1]
+    after each op). At each of the 4 positions every op runs once, on the rows that have it there."""
+    for position in range(4):
+        for op in range(4):
+            rows = (applied & (order[:, position] == op)).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            y, f = x.index_select(0, rows), factors[rows, op].view(-1, 1, 1, 1)
+            if op == 0:  # brightness: blend with black
+                y.mul_(f).clamp_(0.0, 1.0)
+            elif op == 1:  # contrast: blend with the mean grey level of each image
+                mean = grayscale(y).mean((1, 2, 3), keepdim=True)
+                y.mul_(f).add_(mean.mul_(1.0 - f)).clamp_(0.0, 1.0)
+            elif op == 2:  # saturation: blend with the grey image
+                gray = grayscale(y).mul_(1.0 - f)
+                y.mul_(f).add_(gray).clamp_(0.0, 1.0)
+            else:
+                y = adjust_hue(y, f.view(-1))
+            x.index_copy_(0, rows, y)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's gaussian_blur (reflect padding, kernel of `kernel_size` taps) with a sigma per sample, as two
+    1-D passes (the 2-D kernel is their outer product)."""
+    n, c, height, width = x.shape
+    half = (kernel_size - 1) * 0.5
+    taps = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C)xk, one kernel per plane
+    pad = kernel_size // 2
+    planes = F.pad(x.reshape(1, n * c, height, width), [pad, pad, pad, pad], mode="reflect")
+    planes = F.conv2d(planes, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    planes = F.conv2d(planes, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return planes.view(n, c, height, width)
+
+
+class ImagesInMemory(NamedTuple):
+    """A dataset decoded once: `images` NxCxHxW uint8 (on the training device when there is room), `labels` N."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def dataset_bytes(dataset) -> int:
+    """Bytes a dataset takes as one uint8 RGB tensor: torchvision's CIFAR and STL-10 keep their pixels in `.data`;
+    otherwise the first image's size times the count."""
+    if hasattr(dataset, "data"):
+        return int(dataset.data.size)
+    width, height = dataset[0][0].size
+    return len(dataset) * 3 * height * width
+
+
+def fits_in_memory(dataset, device: torch.device) -> bool:
+    """Whether the images fit in a quarter of the device's memory (GPU) or of the machine's RAM (CPU): CIFAR's
+    150 MB and STL-10's 3.9 GB do on a 16 GB machine; a large ImageFolder keeps the PIL path."""
+    if device.type == "cuda":
+        room = torch.cuda.mem_get_info(device)[1]
+    else:
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return dataset_bytes(dataset) <= room // 4
+
+
+def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesInMemory:
+    """Decode a dataset of (PIL image, label) once into an ImagesInMemory on `device`. torchvision's CIFAR and
+    STL-10 arrays are taken as they are; any other dataset (an ImageFolder, FakeData) is decoded image by image,
+    in `workers` processes; an unreadable file stops with one line naming it (read_image's DataError)."""
+    import numpy as np
+
+    if hasattr(dataset, "data") and isinstance(dataset.data, np.ndarray) and dataset.data.dtype == np.uint8:
+        data = torch.from_numpy(dataset.data)
+        images = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR: NxHxWx3 -> Nx3xHxW
+        labels = torch.as_tensor(np.asarray(getattr(dataset, "targets", getattr(dataset, "labels", None))))
+        return ImagesInMemory(images.contiguous().to(device), labels.long())
+    loader = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=256, num_workers=workers,
+                                         collate_fn=list, generator=torch.Generator())
+    pairs = [pair for batch in loader for pair in batch]
+    sizes = {tuple(image.shape) for image, _ in pairs}
+    if len(sizes) > 1:
+        fail(f"the images are not all one size ({', '.join('x'.join(map(str, s)) for s in sorted(sizes)[:3])}...): "
+             "the device augmentation holds them as one tensor; use --augment cpu")
+    images = torch.stack([image for image, _ in pairs])
+    return ImagesInMemory(images.to(device), torch.tensor([label for _, label in pairs], dtype=torch.long))
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """(PIL image, label) -> (CxHxW uint8 tensor, label)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.functional import pil_to_tensor
+
+        image, label = self.base[i]
+        return pil_to_tensor(image.convert("RGB")), label
+
+
+class DeviceViewLoader:
+    """The device path's stand-in for `make_loader(AugmentedViews(...), ..., sampler)`: iterating it yields, per
+    batch, the same pair the DataLoader would, (views, labels), or (views, indices) with `yield_index` (IRing's
+    bank). views: `num_views` NxCxSxS float tensors on the images' device, made by `augment` from the seeds the
+    sampler hands out; labels or indices: N int64 on the CPU. No worker processes: the loader only indexes."""
+
+    def __init__(self, memory: ImagesInMemory, augment: DeviceAugment, num_views: int, sampler: EpochSampler,
+                 batch_size: int, yield_index: bool = False):
+        self.memory, self.augment, self.num_views = memory, augment, num_views
+        self.sampler, self.batch_size, self.yield_index = sampler, batch_size, yield_index
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        import itertools
+
+        pairs = iter(self.sampler)
+        while batch := list(itertools.islice(pairs, self.batch_size)):
+            index, seeds = torch.tensor(batch, dtype=torch.long).T  # index: N, seeds: N (< 2^62)
+            images = self.memory.images[index.to(self.memory.images.device)]  # NxCxHxW uint8
+            views = self.augment.views(images, seeds, self.num_views)
+            yield views, (index if self.yield_index else self.memory.labels[index])
+
+
+class StepMetrics:
+    """What a training loop logs, kept on the device between log steps (issue 13: no host sync per step). `add`
+    (every step) queues two tiny device ops and never waits for the GPU; `pop` (every --log-every steps) returns
+    the last step's numbers as floats in one transfer, after calling `on_nonfinite(loss, step)` for the first step
+    since the previous pop whose loss was NaN or infinite, so a divergence is still named at the step it began."""
+
+    def __init__(self):
+        self.latest: dict = {}
+        self.bad_step: torch.Tensor | None = None  # step of the first non-finite loss since the last pop, or -1
+        self.bad_loss: torch.Tensor | None = None
+
+    def add(self, step: int, stats: dict) -> None:
+        self.latest = stats
+        loss = torch.as_tensor(stats["loss"]).detach().double()
+        if self.bad_step is None:
+            self.bad_step, self.bad_loss = torch.full_like(loss, -1.0), torch.zeros_like(loss)
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+
+    def pop(self, on_nonfinite: Callable[[float, int], Any]) -> dict:
+        on_device = [name for name, value in self.latest.items() if torch.is_tensor(value)]
+        values = torch.stack([self.latest[name].detach().double().reshape(()) for name in on_device] +
+                             [self.bad_step, self.bad_loss]).tolist()  # the one host sync
+        bad_step, bad_loss = values[-2:]
+        record = {**self.latest, **dict(zip(on_device, values))}
+        self.bad_step = self.bad_loss = None
+        if bad_step >= 0:
+            on_nonfinite(bad_loss, int(bad_step))
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------------
 IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
