@@ -5,7 +5,11 @@ probabilities) and its functional ops (pixels, for the same parameters); seeds -
 Pixel tolerance: 1e-5 on [0, 1] pixels (1e-4 after normalising by std ~0.25). The filters are torchvision's own
 (the antialiased bilinear of interpolate, the blend formulas, the HSV sector table), so what differs is float32
 rounding only (measured: 3e-7 crop and resize, 2e-6 hue, 3e-6 the whole jitter chain)."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import common
+from conftest import ROOT
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -271,3 +276,16 @@ def test_step_metrics_log_exact_values_and_name_the_first_nonfinite_step():
         metrics.add(step, {"loss": torch.tensor(loss)})
     assert metrics.pop(lambda loss, step: reported.append((loss, step)))["loss"] == 3.0
     assert len(reported) == 1 and math.isnan(reported[0][0]) and reported[0][1] == 5
+
+
+def test_benchmark_gpu_smoke_runs_on_cpu_and_writes_its_json(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "gpu", "--smoke", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for key in ("step_ratios", "end_to_end_images_per_s", "bare_encoder_images_per_s", "peak_memory_bytes",
+                "torchrun_smoke"):
+        assert key in report, key
+    assert report["torchrun_smoke"]["returncode"] == 0
