@@ -175,14 +175,61 @@ def bench_acc(args, device) -> list[dict]:
     return rows
 
 
+def print_pgd_stopping(args, views: list[torch.Tensor], anchors: int = 16) -> None:
+    """How far above the exact optimum g* of the SVM dual each PGD stopping rule and step stop, and after how many
+    iterations (issue 12), for the first `anchors` anchors of one batch of N = --batch-size images: n = 2N-2
+    negatives, RBF kernel at the default sigma^2 25, C 100, beta 0.1, Delta in float32 and PGD from relu(Gaussian)
+    as in training (every anchor of the batch is solved: the public code's rule averages over all of them), g* from
+    mmcl.svm_dual_exact in float64. Two feature sets: the untrained encoder's on the benchmark batch (crowded, as
+    early in training) and random unit vectors (spread out). Printed, as these are not rates."""
+    import mmcl
+
+    cfg = mmcl.Config(arch=args.arch, stem="cifar", batch_size=args.batch_size)
+    N = args.batch_size
+    common.seed_everything(0)
+    encoder = mmcl.MMCL(cfg, bn_splits=1).encoder.to(views[0].device)
+    with torch.no_grad():
+        crowded = torch.cat([torch.nn.functional.normalize(encoder(v).float(), dim=1) for v in views]).cpu()
+    spread = torch.nn.functional.normalize(torch.randn(2 * N, cfg.dim, generator=torch.Generator().manual_seed(0)),
+                                           dim=1)
+    print(f"PGD stopping vs the exact optimum g*: N={N} (n={2 * N - 2}), first {anchors} anchors, RBF sigma^2 "
+          f"{cfg.sigma2:g}, C {cfg.C:g}, beta {cfg.beta:g}; % above g* (min..max over anchors), iterations")
+    for name, Z in (("untrained encoder on the batch", crowded), ("random unit vectors", spread)):
+        rows = torch.arange(N)
+        Delta = mmcl.svm_delta(mmcl.kernel_matrix(Z, Z, "rbf", sigma2=cfg.sigma2), rows,
+                               mmcl.negative_indices(N, rows))  # Delta: Nxnxn, float32
+        mine = Delta[:anchors].double()
+        A = mine + cfg.beta * torch.eye(Delta.shape[1], dtype=torch.float64)
+        best = mmcl.svm_dual_exact(mine, cfg.C, cfg.beta)
+
+        def g(a):  # the dual objective of each anchor, g(a) = 1/2 a^T (Delta + beta I) a - 2 a^T 1
+            return 0.5 * torch.einsum("bi,bij,bj->b", a, A, a) - 2 * a.sum(1)
+
+        def above(alpha):  # (g(alpha) - g*) / |g*| in %, min..max over the anchors
+            gap = 100 * (g(alpha[:anchors].double()) - g(best)) / g(best).abs()
+            return f"{gap.min().item():+.3f}..{gap.max().item():+.3f}%"
+
+        print(f"  features: {name} (mean cosine {(Z @ Z.T).mean().item():.2f})")
+        start = torch.randn(Delta.shape[:2], generator=torch.Generator().manual_seed(1)).relu()
+        for step_name, step in (("1/(|Delta|_F+beta), the default", 0.0), ("1e-3, the paper's", 1e-3)):
+            for stop in mmcl.PGD_STOP_RULES:
+                alpha, iters = mmcl.svm_dual_pgd(Delta, cfg.C, cfg.pgd_steps, cfg.beta, step, cfg.pgd_tol, start, stop)
+                its = iters[:anchors]
+                span = f"{its.min().item()}" if its.min() == its.max() else f"{its.min().item()}-{its.max().item()}"
+                print(f"    step {step_name:<32} stop {stop:<6} {above(alpha):<18} {span} iterations")
+        print(f"    {'INV (truncated least squares)':<50}{above(mmcl.svm_dual_inv(Delta, cfg.C, cfg.beta))}")
+
+
 def bench_mmcl(args, device) -> list[dict]:
     """SimCLR vs MMCL-INV vs MMCL-PGD training steps (same encoder init, batch, Adam), and the memory of the SVM
-    part: peak bytes allocated while one batch's Delta is built and solved (GPU), or Delta's own size (CPU: n/a)."""
+    part: peak bytes allocated while one batch's Delta is built and solved (GPU), or Delta's own size (CPU: n/a).
+    First, how far from the exact optimum PGD's stopping rules stop (print_pgd_stopping)."""
     import functools
 
     import mmcl
 
     views = synthetic_views(args.batch_size, args.image_size, device)
+    print_pgd_stopping(args, views)
     variants, last, configs = {}, {}, {}
     for name, loss, solver in (("SimCLR", "simclr", "inv"), ("MMCL-INV", "mmcl", "inv"), ("MMCL-PGD", "mmcl", "pgd")):
         cfg = mmcl.Config(arch=args.arch, stem="cifar", loss=loss, solver=solver, batch_size=args.batch_size)

@@ -26,24 +26,43 @@ Where the paper and its public code (anshulbshah/MMCL, ../shared/papers/README.m
 - Negatives: Algorithm 1 uses both views of the other images (2N-2); the public code uses their first views only
   (N-1). I follow the paper; --negatives first gives the code's choice.
 - Delta: Prop. 1 writes 11^T, which is k_xx 11^T with k_xx = K(z+, z+) = 1 (RBF, linear on unit vectors). The proof
-  gives k_xx 11^T for any kernel, which I use, so the tanh kernel (k_xx = tanh(gamma + eta)) is exact too.
+  gives k_xx 11^T for any kernel, which I use (k_xx = tanh(gamma + eta) for tanh). But tanh is not a positive
+  semi-definite kernel, so with it Delta + beta I can have negative eigenvalues and g is not convex: the dual is
+  then no SVM optimum. Measured on 2N = 128 random unit vectors in 128-d (8 anchors): the smallest eigenvalue is
+  -0.23 / -2.2 / -14.8 at gamma 1 / 2 / 5, and PGD with C = inf ends at max alpha 0.9 / 1.4 / 1e67 (diverged,
+  all 1000 iterations): negative curvature is not always reachable from the orthant, but nothing bounds it.
+  INV returns a stationary point (a saddle where g curves down), PGD with a finite C a local minimum of the box;
+  --kernel tanh --solver pgd --C inf is refused when the flags are parsed, the rest is allowed and said in --help.
 - RBF bandwidth: I write K = exp(-||x-y||^2 / (2 sigma^2)) (Table 6) and --sigma2 is that sigma^2. The CIFAR-100
   recipe "sigma^2 = 0.02, times 10 at epochs 75 and 125" is, in the public code, K = exp(-||x-y||^2 / 50) divided
   down to /5 and /0.5: the coefficient 1/(2 sigma^2) grows 0.02 -> 0.2 -> 2, i.e. sigma^2 = 25 -> 2.5 -> 0.25,
   my defaults (--sigma2 25 --sigma-milestones 75,125 --sigma-decay 10): the kernel sharpens as features improve.
 - tanh kernel: Table 6 prints tanh(-gamma x.y + eta); the code computes tanh(gamma x.y). I use tanh(gamma x.y + eta)
   with eta = 0 by default, the code's kernel (a minus sign would rank the closest points as the least similar).
-- PGD (appendix): Nesterov-accelerated, random non-negative start (relu of a Gaussian, as the code), at most 1000
-  steps, step 1/||Delta|| or a fixed one. I use FISTA's momentum sequence (t_1 = 1; the code starts it at a random
-  number) and bound ||Delta + beta I||_2 by its Frobenius norm (what the code's torch.norm(p=2, dim=(1,2)) computes);
-  --pgd-step 1e-3 gives the code's fixed step. Why not that default: at sigma^2 = 25 (lambda_max of Delta about 5)
-  a step of 1e-3 moves alpha so little that the stopping test fires after 1 iteration, 54% above the optimum of g,
-  while 1/||.||_F (within 7% of 1/lambda_max, thanks to the 11^T term) gets within 0.1% in about 30 (measured on
-  random unit vectors, N = 64; tests/test_mmcl.py checks convergence to the exact optimum). The code stops the
-  whole batch when the mean of |da / a| over all entries is below 1e-2; I stop each anchor on its own when
-  ||a_m - a_m-1|| <= tol ||a_m-1||, so a batch of anchors gives exactly what a loop over anchors gives, at any number
-  of processes. The start is drawn for the whole global
-  batch from the seeded RNG, so it too is the same at any world size and on resume.
+- PGD (appendix "PGD Solver"): Nesterov-accelerated, alpha restarted at random before every step (relu of a
+  Gaussian, as the code), at most 1000 steps (Hyperparameters), "a step size of 0.001 and optionally 1/||Delta||_2".
+  The paper gives no stopping rule. The public code stops the whole batch at the first iteration where the mean over
+  all entries of |a_m - a_m-1| / (a_m-1 + 1e-7) is below 1e-2; that is the default here (--pgd-stop batch; under
+  torchrun one scalar all-reduce per iteration keeps the mean global, as the code solves every anchor on every
+  GPU). --pgd-stop anchor stops each anchor on its own when ||a_m - a_m-1|| <= tol ||a_m-1||: a batch then gives
+  exactly what a loop over anchors gives, with no communication, but at a small fixed step it stops after one
+  iteration. I use FISTA's momentum sequence (t_1 = 1; the code starts it at a random number) and a step of
+  1/(||Delta||_F + beta) (the Frobenius norm is what the code's torch.norm(p=2, dim=(1,2)) computes, and bounds
+  lambda_max); --pgd-step 1e-3 gives the paper's fixed step. Why not that default: at sigma^2 25 a step of 1e-3 is
+  far below 1/lambda_max, and PGD stops long before the optimum. How far each rule and step stop (python
+  benchmark.py mmcl --batch-size 128, 16 anchors, % above the exact optimum g* of mmcl.svm_dual_exact; crowded
+  features: the untrained encoder's; spread: random unit vectors):
+      step                    stop     crowded (mean cosine 0.96)   spread (mean cosine 0.00)
+      1/(||Delta||_F + beta)  batch    +0.000..0.001%, 16 it        +0.003..0.006%, 63 it
+      1/(||Delta||_F + beta)  anchor   +0.014..0.030%, 8-10 it      +0.020..0.052%, 36-39 it
+      1e-3 (the paper's)      batch    +11.8..25.2%, 119 it         +75..173%, 1 it
+      1e-3 (the paper's)      anchor   +81.0..88.3%, 1 it           +75..173%, 1 it
+      INV (for comparison)             +0.000..0.196%               +347..531%
+  (2-core CPU under heavy load, 5 min 15 s with the step timing.) With the default step both rules end within 0.06%
+  of g*; with the paper's step the public rule runs on where the per-anchor one stops at once, but on spread
+  features the gradient at the start points away from every zero alpha and both stop after one iteration.
+  The start is drawn for the whole global batch from the seeded RNG, so it is the same at any world size and on
+  resume.
 - Loss scale: Algorithm 1 sums over anchors, the code averages; I average (Adam is insensitive to the scale).
 - C = inf is --C inf (the code's C = -1). beta = 0.1 (Practical considerations) is --beta.
 - Defaults for CIFAR follow the paper's small-dataset recipe: batch 256, Adam lr 1e-3 (weight decay 1e-6, constant
@@ -53,7 +72,8 @@ Where the paper and its public code (anshulbshah/MMCL, ../shared/papers/README.m
 
 Run:
     python mmcl.py                                                 # CIFAR-10 (downloaded), ResNet-18, MMCL-INV
-    python mmcl.py --solver pgd                                    # MMCL-PGD
+    python mmcl.py --solver pgd                                    # MMCL-PGD (the public code's stopping rule)
+    python mmcl.py --solver pgd --pgd-step 1e-3                    # ... with the paper's fixed step
     python mmcl.py --loss simclr                                   # the SimCLR baseline, same pipeline
     python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 mmcl.py --batch-size 256           # 4 GPUs (global batch 256), or 4 CPU processes
@@ -66,10 +86,12 @@ CIFAR-10 JPEGs at 16 px, batch 64, Adam 1e-3, C 100:
     39.3 (sigma^2 25); PGD keeps 9-27% of the negatives as support vectors (INV 48-61%), in 31-62 iterations.
     python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 0 --image-size 16
         --batch-size 64 --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 [--loss simclr]
-        [--sigma2 1] [--solver pgd]
+        [--sigma2 1] [--solver pgd --pgd-stop anchor]   (PGD with the per-anchor rule, the only one at the time)
 Step throughput at batch 256 (python benchmark.py mmcl --steps 5, small CNN, 2 CPU threads, variants interleaved):
-SimCLR 78 images/s, MMCL-INV 49 (x0.62), MMCL-PGD 22 (x0.28, 50 iterations); Delta is 254 MB. Not yet measured: GPU throughput and
-peak solver memory (the issue's goal: INV within 15% of SimCLR), ResNet-18 runs of the paper's length.
+SimCLR 78 images/s, MMCL-INV 49 (x0.62), MMCL-PGD 22 (x0.28, 50 iterations); Delta is 254 MB. That was before
+solve_batched: INV's batched 510x510 solves were then wrong on this CPU (the rates stand as timings only). Not yet
+measured: GPU throughput and peak solver memory (the issue's goal: INV within 15% of SimCLR), ResNet-18 runs of the
+paper's length.
 """
 from __future__ import annotations
 
@@ -147,23 +169,49 @@ def svm_delta(K: torch.Tensor, anchors: torch.Tensor, negatives: torch.Tensor) -
 def svm_dual_inv(Delta: torch.Tensor, C: float, beta: float) -> torch.Tensor:
     """MMCL_INV, Proposition 1 (iii): alpha = clip(2 (Delta + beta I)^-1 1, 0, C), one batched linear solve.
 
-    Delta: Bxnxn -> alpha: Bxn. The unconstrained minimizer of g, truncated to the box; C may be inf.
+    Delta: Bxnxn -> alpha: Bxn. The unconstrained minimizer of g, truncated to the box; C may be inf. With a kernel
+    that is not positive semi-definite (tanh) the solve returns a stationary point of g that need not be a minimum.
     """
     n = Delta.shape[-1]
     A = Delta + beta * torch.eye(n, dtype=Delta.dtype, device=Delta.device)  # Bxnxn
     two = torch.full(Delta.shape[:-1] + (1,), 2.0, dtype=Delta.dtype, device=Delta.device)  # Bxnx1
-    return torch.linalg.solve(A, two).squeeze(-1).clamp(0.0, C)  # Bxn
+    return solve_batched(A, two).squeeze(-1).clamp(0.0, C)  # Bxn
+
+
+def solve_batched(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.solve(A, b) for A: Bxnxn, b: Bxnx1, one matrix at a time on a CPU with several threads.
+
+    There torch's batched LU runs one MKL factorization per thread at once, and MKL's row swaps are not safe to run
+    that way: measured on torch 2.14.1 with 2 threads, 4 matrices of 200x200 (or 256 of 510x510, MMCL's default
+    batch) come back wrong, with an MKL error line or without a word (pytorch/pytorch#142815). One matrix at a time
+    lets MKL use the threads inside each factorization instead. GPUs and single-threaded CPUs keep the batched call.
+    """
+    if A.device.type == "cpu" and torch.get_num_threads() > 1:
+        return torch.stack([torch.linalg.solve(a, r) for a, r in zip(A, b)])
+    return torch.linalg.solve(A, b)
+
+
+PGD_STOP_RULES = ("batch", "anchor")
 
 
 @torch.no_grad()
 def svm_dual_pgd(Delta: torch.Tensor, C: float, steps: int, beta: float = 0.1, step_size: float = 0.0,
-                 tol: float = 1e-2, alpha0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 tol: float = 1e-2, alpha0: torch.Tensor | None = None,
+                 stop: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
     """MMCL_PGD, Proposition 1 (ii) with Nesterov momentum (appendix "PGD Solver"), batched over anchors.
 
     Minimizes g(a) = 1/2 a^T (Delta + beta I) a - 2 a^T 1 over 0 <= a <= C (C may be inf) for each of the B
     problems in Delta: Bxnxn. step_size 0 takes 1/(||Delta||_F + beta) per anchor (at most 1/L, L the largest
-    eigenvalue of Delta + beta I, so the step never overshoots); alpha0: Bxn start (zeros if None). An anchor stops
-    when its relative change ||a_m - a_m-1|| / ||a_m-1|| is at most `tol` (tol 0: run all `steps`), on its own.
+    eigenvalue of Delta + beta I, so the step never overshoots); alpha0: Bxn start (zeros if None). It stops
+    (tol 0: never, all `steps` run) by one of two rules:
+      batch:  the public code's. Every anchor stops at the first iteration m where the mean, over every entry of
+              the global batch, of |a_m - a_m-1| / (a_m-1 + 1e-7) is below tol. An entry that leaves 0 counts as a
+              change of about 1e7, so a short fixed step does not stop while alphas are still being switched on.
+              Under torchrun the mean covers all ranks' anchors (one all-reduce of a scalar per iteration), as the
+              public code solves every anchor of the global batch on every GPU.
+      anchor: each anchor stops on its own when ||a_m - a_m-1|| <= tol ||a_m-1||, so a batch gives exactly what a
+              loop over anchors gives, with no communication; with a fixed step of 1e-3 it can stop after one
+              iteration far from the optimum (benchmark.py mmcl prints how far each rule stops).
     Returns alpha: Bxn and the iterations each anchor used: B (int).
     """
     B, n = Delta.shape[:2]
@@ -176,26 +224,62 @@ def svm_dual_pgd(Delta: torch.Tensor, C: float, steps: int, beta: float = 0.1, s
     alpha = torch.zeros(B, n, dtype=Delta.dtype, device=Delta.device) if alpha0 is None else alpha0.clamp(0.0, C)
     y = alpha  # Bxn, the extrapolated point where the gradient is taken
     t = 1.0  # FISTA's momentum sequence
-    active = torch.ones(B, 1, dtype=torch.bool, device=Delta.device)  # anchors not yet converged
+    active = torch.ones(B, 1, dtype=torch.bool, device=Delta.device)  # anchors not yet stopped
     iterations = torch.zeros(B, dtype=torch.long, device=Delta.device)
     for _ in range(steps):
         grad = torch.bmm(Delta, y.unsqueeze(2)).squeeze(2) + beta * y - 2.0  # Bxn: (Delta + beta I) y - 2
         new = (y - eta * grad).clamp(0.0, C)  # projection onto the box [0, C]^n
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-        change = (new - alpha).norm(dim=1, keepdim=True) / alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if stop == "batch":  # one number for the whole global batch: all anchors go on, or all stop
+            change = common.all_reduce_mean(((new - alpha) / (alpha + 1e-7)).abs().mean())
+            go_on = (change >= tol).expand(B, 1)
+        elif stop == "anchor":
+            change = (new - alpha).norm(dim=1, keepdim=True) / alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            go_on = change > tol
+        else:
+            raise ValueError(f"unknown PGD stopping rule '{stop}' (choose from {', '.join(PGD_STOP_RULES)})")
         iterations += active.squeeze(1)
         y = torch.where(active, new + (t - 1.0) / t_next * (new - alpha), alpha)
-        alpha = torch.where(active, new, alpha)  # converged anchors keep their alpha
+        alpha = torch.where(active, new, alpha)  # stopped anchors keep their alpha
         t = t_next
-        active &= change > tol
+        active &= go_on
         if not active.any():
             break
     return alpha, iterations
 
 
+@torch.no_grad()
+def svm_dual_exact(Delta: torch.Tensor, C: float, beta: float, tol: float = 1e-9, rounds: int = 50) -> torch.Tensor:
+    """The exact minimizer of g over the box, to measure how far INV and PGD stop from it (benchmark.py mmcl, tests).
+
+    Delta: Bxnxn -> alpha: Bxn, float64. Needs Delta + beta I positive definite (RBF or linear kernel, beta > 0), so
+    the minimizer is unique. Long PGD runs find which coordinates sit at 0 and at C; the free ones are then solved
+    exactly, and the result is returned only once it is feasible and satisfies the KKT conditions (gradient >= 0
+    where alpha = 0, <= 0 where alpha = C, 0 in between; all to tol), which certify the optimum of a convex QP.
+    """
+    A = Delta.double() + beta * torch.eye(Delta.shape[-1], dtype=torch.float64, device=Delta.device)  # Bxnxn
+    alpha = torch.zeros(Delta.shape[:2], dtype=torch.float64, device=Delta.device)
+    for _ in range(rounds):
+        alpha, _ = svm_dual_pgd(Delta.double(), C, 2000, beta, tol=1e-13, alpha0=alpha, stop="anchor")
+        exact = torch.zeros_like(alpha)
+        for k in range(len(A)):  # the free coordinates' linear system, one anchor at a time
+            upper, free = alpha[k] >= C, (alpha[k] > 0) & (alpha[k] < C)
+            exact[k, upper] = C
+            if free.any():
+                rhs = 2.0 - A[k][free][:, upper] @ exact[k, upper]
+                exact[k, free] = torch.linalg.solve(A[k][free][:, free], rhs)
+        grad = torch.bmm(A, exact.unsqueeze(2)).squeeze(2) - 2.0  # Bxn
+        at_zero, at_c = exact <= 0, exact >= C
+        kkt = torch.where(at_zero, grad >= -tol, torch.where(at_c, grad <= tol, grad.abs() <= tol))
+        if kkt.all() and (exact >= 0).all() and (exact <= C).all():
+            return exact
+    raise RuntimeError(f"svm_dual_exact: no KKT point after {rounds} rounds (is Delta + beta I positive definite?)")
+
+
 def mmcl_loss(z1: torch.Tensor, z2: torch.Tensor, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               C: float, solver: str, beta: float = 0.1, negatives: str = "both", fn_correction: bool = False,
-              pgd_steps: int = 1000, pgd_step: float = 0.0, pgd_tol: float = 1e-2) -> tuple[torch.Tensor, dict]:
+              pgd_steps: int = 1000, pgd_step: float = 0.0, pgd_tol: float = 1e-2,
+              pgd_stop: str = "batch") -> tuple[torch.Tensor, dict]:
     """The MMCL loss of Eq. (9) for this rank's anchors against the negatives of the whole global batch.
 
     z1: BxD the views z+ that train the SVMs, z2: BxD the views z that the loss classifies (L2-normalized; this
@@ -224,7 +308,7 @@ def mmcl_loss(z1: torch.Tensor, z2: torch.Tensor, kernel: Callable[[torch.Tensor
             # The appendix restarts alpha at random before every step; drawing the start for the whole global batch
             # and keeping my rows makes it independent of how many processes share the batch.
             alpha0 = torch.randn(N, n, dtype=Z.dtype, device=Z.device).relu_()[anchors]  # Bxn
-            alpha, iterations = svm_dual_pgd(Delta, C, pgd_steps, beta, pgd_step, pgd_tol, alpha0)  # line 6
+            alpha, iterations = svm_dual_pgd(Delta, C, pgd_steps, beta, pgd_step, pgd_tol, alpha0, pgd_stop)  # l. 6
             stats["pgd_iters"] = iterations.float().mean()
         else:
             raise ValueError(f"unknown solver '{solver}' (choose inv or pgd)")
@@ -278,7 +362,9 @@ class Config:
     temperature: float = option(0.5, "SimCLR softmax temperature (--loss simclr only)")
     negatives: str = option("both", "negatives per anchor: 'both' views of the other images (2N-2, Algorithm 1) "
                                     "or their 'first' views (N-1, the public code)", choices=("both", "first"))
-    kernel: str = option("rbf", "SVM kernel (Table 6)", choices=KERNELS)
+    kernel: str = option("rbf", "SVM kernel (Table 6); tanh is not positive semi-definite: the SVM dual is then "
+                                "not convex (INV returns a stationary point, PGD a local minimum; refused with "
+                                "--solver pgd --C inf, where it diverges)", choices=KERNELS)
     sigma2: float = option(25.0, "RBF bandwidth sigma^2 in exp(-||x-y||^2 / (2 sigma^2)) at the start")
     sigma_milestones: str = option("75,125", "epochs (comma-separated) at which sigma^2 is divided by "
                                              "--sigma-decay; '' for a constant bandwidth")
@@ -290,8 +376,15 @@ class Config:
     solver: str = option("inv", "SVM dual solver: 'inv' truncated least squares, 'pgd' projected gradient",
                          choices=("inv", "pgd"))
     pgd_steps: int = option(1000, "maximum PGD iterations")
-    pgd_step: float = option(0.0, "PGD step size; 0: 1/||Delta + beta I|| per anchor (the code's fixed: 1e-3)")
-    pgd_tol: float = option(1e-2, "PGD stops an anchor when ||a_m - a_m-1|| <= tol ||a_m-1|| (0: all steps)")
+    pgd_step: float = option(0.0, "PGD step size; 0: 1/(||Delta||_F + beta) per anchor, at most 1/lambda_max (the "
+                                  "paper and the public configs use a fixed 1e-3, or 1/||Delta||_2)",
+                             check=common.NON_NEGATIVE)
+    # The paper gives no stopping rule; the public code's is the default, so PGD runs as it did for the paper's numbers.
+    pgd_stop: str = option("batch", "when PGD stops: 'batch' (the public code) when the global batch's mean of "
+                                    "|a_m - a_m-1| / (a_m-1 + 1e-7) is below --pgd-tol; 'anchor': each anchor when "
+                                    "||a_m - a_m-1|| <= tol ||a_m-1||", choices=PGD_STOP_RULES)
+    pgd_tol: float = option(1e-2, "PGD stopping tolerance of --pgd-stop (0: run all --pgd-steps)",
+                            check=common.NON_NEGATIVE)
     fn_correction: bool = option(False, "false-negative correction: alpha[alpha == C] = 0 (appendix)")
     # optimization
     epochs: int = option(400, "training epochs")
@@ -310,6 +403,14 @@ class Config:
     knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
     knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)")
     knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
+
+    def __post_init__(self):
+        # Checked when the flags are parsed, before any data is read. With tanh, Delta + beta I has negative
+        # eigenvalues, so g is unbounded below along them: without the box's upper side PGD follows them off to
+        # infinity (measured: alpha 1e67 after 1000 iterations at gamma 5). A finite C keeps it bounded.
+        if self.loss == "mmcl" and self.kernel == "tanh" and self.solver == "pgd" and math.isinf(self.C):
+            common.fail("--kernel tanh --solver pgd needs a finite --C: tanh is not positive semi-definite, so the "
+                        "SVM dual is unbounded below and PGD diverges (use --C 100, or --kernel rbf)")
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -351,7 +452,7 @@ class MMCL(nn.Module):
             kernel = functools.partial(kernel_matrix, kind=cfg.kernel, sigma2=sigma2, gamma=cfg.tanh_gamma,
                                        eta=cfg.tanh_eta)
             return mmcl_loss(z1, z2, kernel, cfg.C, cfg.solver, cfg.beta, cfg.negatives, cfg.fn_correction,
-                             cfg.pgd_steps, cfg.pgd_step, cfg.pgd_tol)
+                             cfg.pgd_steps, cfg.pgd_step, cfg.pgd_tol, cfg.pgd_stop)
 
 
 def train_step(model: MMCL, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
