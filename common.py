@@ -697,16 +697,17 @@ def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesI
     loader = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=256, num_workers=workers,
                                          collate_fn=list, generator=torch.Generator())
     pairs = [pair for batch in loader for pair in batch]
-    sizes = {tuple(image.shape) for image, _ in pairs}
+    sizes = {image.shape[:2] for image, _ in pairs}
     if len(sizes) > 1:
         fail(f"the images are not all one size ({', '.join('x'.join(map(str, s)) for s in sorted(sizes)[:3])}...): "
              "the device augmentation holds them as one tensor; use --augment cpu")
-    images = torch.stack([image for image, _ in pairs])
-    return ImagesInMemory(images.to(device), torch.tensor([label for _, label in pairs], dtype=torch.long))
+    images = torch.from_numpy(np.stack([image for image, _ in pairs])).permute(0, 3, 1, 2)  # NxHxWx3 -> Nx3xHxW
+    return ImagesInMemory(images.contiguous().to(device), torch.tensor([label for _, label in pairs]))
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """(PIL image, label) -> (CxHxW uint8 tensor, label)."""
+    """(PIL image, label) -> (HxWx3 uint8 numpy array, label). Arrays, not tensors: a worker sends each tensor
+    through a file descriptor, and 256 of them per batch exceed the open-file limit."""
 
     def __init__(self, base):
         self.base = base
@@ -715,10 +716,10 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        from torchvision.transforms.functional import pil_to_tensor
+        import numpy as np
 
         image, label = self.base[i]
-        return pil_to_tensor(image.convert("RGB")), label
+        return np.asarray(image.convert("RGB")), label
 
 
 class DeviceViewLoader:
