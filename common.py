@@ -683,6 +683,17 @@ def fits_in_memory(dataset, device: torch.device) -> bool:
     return dataset_bytes(dataset) <= room // 4
 
 
+def augment_path(requested: str, dataset, device: torch.device) -> str:
+    """The data path for --augment: 'device' when asked and the images fit (fits_in_memory), else 'cpu' (PIL in
+    loader workers), saying so on the main process."""
+    if requested == "device" and not fits_in_memory(dataset, device):
+        if is_main():
+            print(f"note: the images ({dataset_bytes(dataset) / 2**30:.1f} GiB) do not fit in a quarter of the "
+                  f"{device.type} memory: augmenting with PIL in loader workers (--augment cpu)")
+        return "cpu"
+    return requested
+
+
 def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesInMemory:
     """Decode a dataset of (PIL image, label) once into an ImagesInMemory on `device`. torchvision's CIFAR and
     STL-10 arrays are taken as they are; any other dataset (an ImageFolder, FakeData) is decoded image by image,

@@ -289,3 +289,36 @@ def test_benchmark_gpu_smoke_runs_on_cpu_and_writes_its_json(tmp_path):
                 "torchrun_smoke"):
         assert key in report, key
     assert report["torchrun_smoke"]["returncode"] == 0
+
+
+def test_augment_path_keeps_the_pil_path_for_data_that_does_not_fit(monkeypatch, capsys):
+    class Huge:
+        data = torch.empty(0, dtype=torch.uint8).numpy()
+
+    assert common.augment_path("device", Huge(), torch.device("cpu")) == "device"
+    monkeypatch.setattr(common, "dataset_bytes", lambda dataset: 2**62)
+    assert common.augment_path("device", Huge(), torch.device("cpu")) == "cpu"
+    assert "--augment cpu" in capsys.readouterr().out
+    assert common.augment_path("cpu", Huge(), torch.device("cpu")) == "cpu"
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu_and_match_fp32():
+    """The GPU-only code paths (issue 13 item 4) on a CPU: an encoder in channels_last under bf16 autocast gives the
+    fp32 features up to bf16 rounding (8 mantissa bits: relative error ~0.4% per op, a few % after 4 layers), and
+    its backward pass gives finite gradients close in direction."""
+    torch.manual_seed(0)
+    encoder = common.Encoder("small", "cifar", 128, True)
+    x = torch.randn(16, 3, 32, 32)
+    reference = encoder(x)
+    reference.pow(2).mean().backward()
+    grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    fast = encoder.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(out.float(), reference, dim=1).min() > 0.99
+    out.float().pow(2).mean().backward()
+    flat = torch.cat([p.grad.flatten() for p in encoder.parameters()])
+    assert torch.isfinite(flat).all()
+    assert torch.nn.functional.cosine_similarity(flat, torch.cat([g.flatten() for g in grads]), dim=0) > 0.95
