@@ -124,7 +124,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import option
+from common import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 MODALITIES = ("v", "a")  # the paper's visual and audio modality; for an image pair (x, y): v is x, a is y
 
@@ -149,6 +149,23 @@ def gradient_embedding(keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch
     p = pseudo_posterior(keys, queries)  # p: NxM
     residual = p - F.one_hot(p.argmax(dim=1), p.shape[1]).to(p.dtype)  # p - onehot(y~): NxM
     return residual, keys
+
+
+def layer_gradient_embedding(keys: torch.Tensor, inputs: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """Eq. (5) read literally (--eq5 layer): the gradient of CE(p_n, y~_n) with respect to the parameters of the
+    last layer of the other modality's query encoder (its additional FC layer, weight CxD and bias C), which maps
+    the M queries' inputs h_j (inputs: MxD) to u_j, q_j = u_j / |u_j|. With r = p_n - onehot(y~_n) and
+    dq_j/du_j = (I - q_j q_j^T) / |u_j|: dCE/dW = sum_j r_nj (I - q_j q_j^T) k_n h_j^T / |u_j|, and the bias
+    gradient is the same sum without h_j^T. Returns the N x (C D + C) embeddings, materialized (4 (CD + C) bytes per
+    candidate: 66 KB at C = D = 128, so 2.5 GB at the paper's N = 38400)."""
+    inputs = inputs.float()
+    u = layer(inputs)  # u: MxC
+    q = F.normalize(u, dim=1)  # q: MxC, the queries of Eq. (4)
+    residual, _ = gradient_embedding(keys, q)  # r: NxM
+    tangent = keys.unsqueeze(1) - (keys @ q.T).unsqueeze(2) * q.unsqueeze(0)  # (I - q_j q_j^T) k_n: NxMxC
+    a = residual.unsqueeze(2) * tangent / u.norm(dim=1).view(1, -1, 1)  # dCE/du_j: NxMxC
+    weight = torch.einsum("nmc,md->ncd", a, inputs)  # dCE/dW: NxCxD
+    return torch.cat([weight.flatten(1), a.sum(1)], dim=1)  # N x (CD + C)
 
 
 def kmeans_pp_seeds(X: torch.Tensor | tuple[torch.Tensor, torch.Tensor], k: int,
@@ -191,9 +208,13 @@ def kmeans_pp_seeds(X: torch.Tensor | tuple[torch.Tensor, torch.Tensor], k: int,
 
 
 def select_negatives(sampling: str, keys: torch.Tensor, queries: torch.Tensor, num: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     last_layer: tuple[torch.Tensor, nn.Linear] | None = None) -> torch.Tensor:
     """`num` distinct indices into the candidate keys (NxC, the pool minus the dictionary) for the dictionary
-    that the queries (MxC, the other modality's mini-batch) are contrasted with. Alg. 2 lines 12-17."""
+    that the queries (MxC, the other modality's mini-batch) are contrasted with. Alg. 2 lines 12-17.
+    last_layer: (inputs h: MxD, layer) of the queries' last layer, for Eq. (5) read literally (--eq5 layer)."""
+    if sampling == "active" and last_layer is not None:
+        return kmeans_pp_seeds(layer_gradient_embedding(keys, *last_layer), num, generator)
     if sampling == "active":
         return kmeans_pp_seeds(gradient_embedding(keys, queries), num, generator)
     if sampling == "feature":  # Table 2: k-means++ on the feature embeddings (the keys) instead
@@ -453,53 +474,61 @@ class Config:
                                      "'avfolder' pre-extracted videos, or any name added to DATASETS")
     data_root: str = option("./data", "dataset folder (avmnist: holds mnist5k/ and fsdd/; avfolder: one folder "
                                       "per video)")
-    workers: int = option(4, "data loader processes per training process")
-    fps: float = option(10.0, "avfolder: frame rate the frames were extracted at (Appendix A: 10)")
-    clip_frames: int = option(16, "avfolder: frames per clip (Appendix A: 16 for pretraining)")
-    clip_stride: int = option(16, "avfolder: frames between clip starts; each start is jittered within it")
-    frame_size: int = option(112, "avfolder: side of the square crop fed to the video encoder (paper: 224)")
-    mel_bands: int = option(80, "mel bands of the audio input (Appendix A: 80)")
+    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
+    fps: float = option(10.0, "avfolder: frame rate the frames were extracted at (Appendix A: 10)", check=POSITIVE)
+    clip_frames: int = option(16, "avfolder: frames per clip (Appendix A: 16 for pretraining)", check=at_least(1))
+    clip_stride: int = option(16, "avfolder: frames between clip starts; each start is jittered within it",
+                              check=at_least(1))
+    frame_size: int = option(112, "avfolder: side of the square crop fed to the video encoder (paper: 224)",
+                             check=at_least(1))
+    mel_bands: int = option(80, "mel bands of the audio input (Appendix A: 80)", check=at_least(1))
     # encoders
     arch: str = option("resnet18", "encoders: 'resnet18' is 3D-ResNet-18 (torchvision r3d_18) for video, "
                                    "ResNet-18 with 1D kernels for audio, ResNet-18 for images; 'small' CNNs for CPU",
                        choices=("resnet18", "small"))
-    dim: int = option(128, "feature dimension C of the contrastive space")
+    dim: int = option(128, "feature dimension C of the contrastive space", check=at_least(1))
     mlp: bool = option(False, "MoCo v2 MLP projection head instead of a linear one")
     fcl: bool = option(True, "the additional FC layer on every encoder, momentum-updated across modalities "
                              "(--no-fcl: Table 1's 'w/o fcl')")
     bn_splits: int = option(8, "BatchNorm groups on one device (imitates that many GPUs for shuffle BN); under "
-                               "torchrun each process is one group")
+                               "torchrun each process is one group", check=at_least(1))
     # CM-ACC
-    moco_k: int = option(3840, "dictionary size K of each modality (paper: 30 x 128)")
-    pool_size: int = option(38400, "candidate pool size N of each modality, drawn each epoch (paper: 300 x 128)")
+    moco_k: int = option(3840, "dictionary size K of each modality (paper: 30 x 128)", check=at_least(1))
+    pool_size: int = option(38400, "candidate pool size N of each modality, drawn each epoch (paper: 300 x 128)",
+                            check=at_least(1))
     pool_every: int = option(0, "steps between pool redraws (0: at each epoch start, Alg. 2 lines 6-7); pool keys "
-                                "age until redrawn (see the docstring)")
-    moco_m: float = option(0.999, "momentum m of the key encoders (Eq. 8)")
-    moco_t: float = option(0.7, "softmax temperature tau of the contrastive loss (Eq. 6)")
+                                "age until redrawn (see the docstring)", check=NON_NEGATIVE)
+    moco_m: float = option(0.999, "momentum m of the key encoders (Eq. 8)", check=between(0, 1))
+    moco_t: float = option(0.7, "softmax temperature tau of the contrastive loss (Eq. 6)", check=POSITIVE)
     sampling: str = option("active", "negatives: 'active' (k-means++ on gradient embeddings, the paper), 'random' "
                                      "(XMoCo: the batch's own keys), 'ohem' (top-M loss), 'feature' (k-means++ on "
                                      "keys)",
                            choices=("active", "random", "ohem", "feature"))
+    eq5: str = option("query", "Eq. (5)'s 'last layer': 'query' (BADGE's reading: the other modality's M queries "
+                               "as a classifier's weights, closed form, the default) or 'layer' (literal: the "
+                               "additional FC layer of the other modality's query encoder; needs --fcl)",
+                      choices=("query", "layer"))
     unimodal: bool = option(False, "SMoCo: contrast each modality with itself (two MoCos) instead of across")
     shared_encoder: bool = option(False, "regular MoCo across a pair of one kind (App. B's SMoCo): one query "
                                          "encoder, one key encoder, one queue; x queries meet y keys and the "
                                          "reverse (needs --sampling random)")
     # optimization
-    epochs: int = option(100, "training epochs (the paper gives none)")
-    batch_size: int = option(128, "global mini-batch size M of pairs (split evenly over processes)")
-    lr: float = option(1e-3, "Adam learning rate gamma, constant after the warm-up")
-    warmup_steps: int = option(500, "linear warm-up steps (Section 5: 500 iterations)")
+    epochs: int = option(100, "training epochs (the paper gives none)", check=at_least(1))
+    batch_size: int = option(128, "global mini-batch size M of pairs (split evenly over processes)", check=at_least(1))
+    lr: float = option(1e-3, "Adam learning rate gamma, constant after the warm-up", check=NON_NEGATIVE)
+    warmup_steps: int = option(500, "linear warm-up steps (Section 5: 500 iterations)", check=NON_NEGATIVE)
     # run
-    seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)")
+    seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt to continue from (same config)")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs)")
-    log_every: int = option(1, "steps between metrics.jsonl records")
-    knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)")
-    knn_k: int = option(200, "neighbours of the kNN monitor")
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
-    knn_bank_size: int = option(0, "training items in each kNN bank, evenly spaced (0: all)")
-    knn_test_size: int = option(0, "test items each kNN monitor classifies, evenly spaced (0: all)")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
+    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)",
+                            check=NON_NEGATIVE)
+    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training items in each kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test items each kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
 
 def learning_rate(step: int, warmup_steps: int, base_lr: float) -> float:
@@ -658,7 +687,10 @@ class CMACC(nn.Module):
 
     def forward(self, views: dict[str, list[torch.Tensor]]):
         """views[m] = [query view, key view], each Mx... Returns queries q[m] (grad) and keys k[m] (no grad): MxC."""
-        q = {m: F.normalize(self.fc_query[m](self.query[m](views[m][0])).float(), dim=1) for m in MODALITIES}
+        h = {m: self.query[m](views[m][0]) for m in MODALITIES}  # inputs of the additional FC layers: MxC
+        if self.cfg.eq5 == "layer":  # kept for the selection, which differentiates with respect to that layer
+            self.fc_inputs = {m: h[m].detach() for m in MODALITIES}
+        q = {m: F.normalize(self.fc_query[m](h[m]).float(), dim=1) for m in MODALITIES}
         k = {m: self.encode_keys(m, views[m][1], shuffle_bn=True) for m in MODALITIES}  # Alg. 2 line 29
         return q, k
 
@@ -677,8 +709,11 @@ class CMACC(nn.Module):
             candidates = (~torch.isin(pool.ids, excluded)).nonzero().squeeze(1)  # U \ (D u B), line 12
             generator = torch.Generator(device=queries.device)
             generator.manual_seed(stream_seed("select", self.cfg.seed, step, m))
+            last_layer = None
+            if self.cfg.eq5 == "layer":
+                last_layer = (common.concat_all_gather(self.fc_inputs[self.partner[m]]), self.fc_query[self.partner[m]])
             picked = candidates[select_negatives(self.cfg.sampling, pool.keys[candidates], queries, queries.shape[0],
-                                                 generator)]  # lines 13-17
+                                                 generator, last_layer)]  # lines 13-17
             if common.world_size() > 1:
                 dist.broadcast(picked, src=0)  # every rank computed the same picks; rank 0's make it certain
             dictionary.enqueue(pool.keys[picked], pool.ids[picked])  # line 18
@@ -821,6 +856,8 @@ def check_config(cfg: Config, num_items: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_items} pairs)")
     if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
         common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    if cfg.eq5 == "layer" and not cfg.fcl:
+        common.fail("--eq5 layer differentiates with respect to the additional FC layer: it needs --fcl")
     if cfg.shared_encoder and (cfg.sampling != "random" or cfg.unimodal):
         common.fail("--shared-encoder is regular MoCo across the pair: it needs --sampling random, no --unimodal")
     if cfg.moco_k % cfg.batch_size or cfg.moco_k > num_items:

@@ -9,8 +9,8 @@ and matches it from 6, and CM-ACC stays best by a large margin.
 Protocol (numbers are cited in the code as "line N"):
      1  for c = 1..9:  train, eval = Spatial-MultiOmniglot(c)      # toy_mi/omniglot_data.py: 50K training pairs,
                                                                     #   drawers 1-15; evaluation pairs, drawers 16-20
-     2      for method in SMoCo, XMoCo, CM-ACC:
-     3          pretrain with moco_acc.main (x is modality v, y is a)  # --unimodal / --sampling random / active
+     2      for method in SMoCo, XMoCo, CM-ACC (and seed in --seeds):
+     3          pretrain with moco_acc.main (x is modality v, y is a)  # METHODS: the moco_acc flags of each
      4          f = frozen backbone of the x query encoder              # global-average-pooled features
      5          for i = 1..c: linear classifier features(x) -> z_i on training x's, accuracy on eval x's
      6          accuracy[c][method] = mean over the c grid positions
@@ -18,12 +18,24 @@ Protocol (numbers are cited in the code as "line N"):
   A random-initialised backbone is probed the same way ("random init" column) as the floor of line 5.
 
 Choices the paper leaves open, and mine:
+  * SMoCo. The paper calls it "the regular MoCo" and explains its fall from 3 characters by e^I exceeding the
+    training-set size, an argument about contrasting x with y. So `smoco` is one MoCo for both images: one query
+    encoder, one key encoder and one queue (moco_acc --shared-encoder), x queries against y keys and the reverse,
+    a random dictionary. Caution, from the construction: x and y are identically distributed (y shows the next
+    character of each cell), and a shared encoder scores pairs symmetrically, s(a, b) = g(a).g(b). Summed over the
+    characters of an alphabet, sum_z u_z.u_{z+1} <= sum_z |u_z|^2 (u_z: mean embedding of character z), so a y that
+    shows the query's own characters scores, on average, at least as high as its partner: this reading cannot
+    rank the partner first by character identity at any c, whatever e^I is. `smoco_shift` (x against a shifted x',
+    y against y', two MoCos: moco_acc --unimodal) is the other reading, instance discrimination within a modality.
   * Views. moco_acc wants two views of each modality: each is the pair's image with every cell shifted by up to
     --shift pixels, independently. Without them SMoCo (x against x') would compare an image with itself. The
     cross-modal methods contrast x's query view with y's key view, so for them the shifts only add noise.
   * Data layout (grid, drawers, 32 px cells from 105 px by area averaging): see toy_mi/omniglot_data.py.
-  * Encoders: the full protocol uses moco_acc's image ResNet-18 (3x3 stem, no max-pool); --quick the small CNN. The
-    features probed are the backbone's (before the projection head and the additional FC layer).
+  * Encoders: the full protocol uses moco_acc's image ResNet-18 (3x3 stem, no max-pool); --quick and --preset cpu
+    the small CNN (--preset cpu on 16 px cells, --downsample 2). The features probed are the backbone's (before the
+    projection head and the additional FC layer).
+  * Own partners: moco_acc masks each query's own partner out of its negatives (item ids tracked beside the
+    dictionaries), so CM-ACC's pool cannot hand a query its own positive as a negative while XMoCo's queue does not.
   * Probe: logistic regression (common.linear_probe: standardised L2-normalised features, SGD, cosine lr) on the
     first --probe-train training pairs' x, tested on --num-eval pairs drawn by the held-out drawers.
   * The paper states no settings for this toy; the defaults are its main experiments' (Section 5: M = 128,
@@ -31,10 +43,12 @@ Choices the paper leaves open, and mine:
 
 Commands:
     python toy_mi/multiomniglot.py --quick --json quick.json       # 1 and 2 characters, small CNN, CPU
+    python toy_mi/multiomniglot.py --preset cpu --json cpu.json --plot cpu.png   # the scaled protocol (below)
     python toy_mi/multiomniglot.py --json full.json --plot fig3a.png  # 1..9 characters, ResNet-18: one GPU
     python toy_mi/multiomniglot.py --help                          # every flag, from the Config block below
   One process (it calls moco_acc.main in-process for every run); each run's directory under --out-dir holds
-  moco_acc's config.json, metrics.jsonl and checkpoint.pt, and a rerun resumes or reuses it. The dataset is cached
+  moco_acc's config.json, metrics.jsonl, checkpoint.pt (saved every epoch) and probe.json, and a rerun resumes or
+  reuses it, so an interrupted sweep continues where it stopped (the JSON is rewritten after every c). The dataset is cached
   in --cache-dir. --omniglot also accepts torchvision's PNG download (ROOT/omniglot-py/images_background/...).
 
 Results measured (2-core CPU shared with other jobs, load 4-8, no GPU; torch 2.14; one seed):
@@ -73,10 +87,13 @@ sys.path.insert(0, str(REPO / "toy_mi"))
 import omniglot_data  # noqa: E402
 
 DATASET = "multiomniglot"  # the name this script registers in moco_acc.DATASETS
-METHODS = {"smoco": ["--unimodal", "--sampling", "random"],  # two MoCos, x against x' and y against y'
-           "xmoco": ["--sampling", "random"],  # x against y, the dictionary holds the batch's own keys
-           "cmacc": ["--sampling", "active"]}  # x against y, the dictionary holds actively sampled keys
-NAMES = {"init": "random init", "smoco": "SMoCo", "xmoco": "XMoCo", "cmacc": "CM-ACC"}
+# App. B calls SMoCo "the regular MoCo": one encoder (with its key encoder and queue) for x and y alike, x against
+# y and the reverse. smoco_shift is this script's first reading, two MoCos of x against a shifted x' (and y, y').
+METHODS = {"smoco": ["--shared-encoder", "--sampling", "random"],  # one MoCo, x against y, a random queue
+           "xmoco": ["--sampling", "random"],  # x against y, one encoder each, the queue holds the batch's own keys
+           "cmacc": ["--sampling", "active"],  # x against y, the dictionary holds actively sampled keys
+           "smoco_shift": ["--unimodal", "--sampling", "random"]}  # two MoCos, x against x' and y against y'
+NAMES = {"init": "random init", "smoco": "SMoCo", "xmoco": "XMoCo", "cmacc": "CM-ACC", "smoco_shift": "SMoCo x-x'"}
 MEAN, STD = 0.086, 0.245  # ink fraction of the nine alphabets' 32 px glyphs, all characters and drawers
 
 
@@ -94,8 +111,10 @@ class Config:
     num_train: int = option(50000, "training pairs, drawers 1-15 (the paper: 50K)")
     num_eval: int = option(10000, "evaluation pairs, held-out drawers 16-20 (probe test set)")
     shift: int = option(2, "view augmentation: every 32 px cell moves by up to this many pixels, per view")
+    downsample: int = option(1, "average-pool the 32 px cells by this factor before the encoders (2: 16 px, a "
+                                "quarter of the compute)", choices=(1, 2, 4))
     # pretraining: forwarded to moco_acc.py
-    methods: tuple[str, ...] = option(tuple(METHODS), "methods to pretrain", choices=tuple(METHODS))
+    methods: tuple[str, ...] = option(("smoco", "xmoco", "cmacc"), "methods to pretrain", choices=tuple(METHODS))
     arch: str = option("resnet18", "encoders (moco_acc --arch): image ResNet-18 or the small CPU CNN",
                        choices=("resnet18", "small"))
     batch_size: int = option(128, "mini-batch M of pairs")
@@ -115,11 +134,16 @@ class Config:
     probe_epochs: int = option(100, "epochs of each linear classifier")
     probe_lr: float = option(0.1, "SGD learning rate of the linear classifiers (cosine decay)")
     # run
-    quick: bool = option(False, "CPU-sized run: flags left at their defaults take the QUICK values instead")
-    seed: int = option(0, "seed of the dataset, the pretraining and the probes")
-    out_dir: str = option("runs/multiomniglot", "one moco_acc run directory per (c, method) under here")
-    json: str = option("", "write {'results': [{'characters', 'mi_nats', 'smoco', 'xmoco', 'cmacc'} + 'e_mi' "
-                           "(e^I) and 'init' (random encoder), ...]} here, accuracies in [0, 1]")
+    preset: str = option("none", "flags left at their defaults take the preset's values (PRESETS below): "
+                                 "'quick' (CI-sized), 'cpu' (the scaled protocol, about an hour on 2 cores)",
+                         choices=("none", "quick", "cpu"))
+    quick: bool = option(False, "the same as --preset quick")
+    data_seed: int = option(0, "seed of the dataset draw (the same pairs for every run)")
+    seeds: tuple[int, ...] = option((0,), "seeds of the pretraining and the probes: one run per (c, method, seed)")
+    out_dir: str = option("runs/multiomniglot", "one moco_acc run directory per (c, method, seed) under here")
+    json: str = option("", "write {'results': [{'characters', 'mi_nats', 'num_train', 'e_mi', <method>: {'mean', "
+                           "'std', 'runs'}, ...}]} here ('init': the random encoder), accuracies in [0, 1]; "
+                           "rewritten after every character count")
     plot: str = option("", "save accuracy against characters here (needs matplotlib; skipped without it)")
 
 
@@ -131,14 +155,23 @@ class Config:
 QUICK = {"characters": (1, 2), "num_train": 3200, "num_eval": 1000, "arch": "small", "batch_size": 32,
          "moco_k": 512, "pool_size": 1024, "pool_every": 25, "moco_t": 0.2, "moco_m": 0.99, "warmup_steps": 10,
          "epochs": 1, "bn_splits": 4, "workers": 0, "probe_train": 3000, "probe_epochs": 30}
+# --preset cpu: the paper's mechanism at a CPU's scale. The claim is about e^I against the number of training pairs,
+# so the threshold moves with it: with 5,000 pairs, e^I = 55 and 2,860 lie below and 137,280 (3 characters) and
+# 6.5M (4) far above, as 50K does for the paper's 1-2 against 3+ characters. Sized in the run card.
+CPU = {**QUICK, "characters": (1, 2, 3, 4), "num_train": 5000, "num_eval": 1000, "batch_size": 32, "moco_k": 1024,
+       "pool_size": 1536, "pool_every": 40, "epochs": 1, "warmup_steps": 20, "bn_splits": 2, "probe_train": 5000,
+       "seeds": (0, 1, 2), "downsample": 2, "out_dir": "runs/multiomniglot_cpu"}
+PRESETS = {"quick": QUICK, "cpu": CPU}
 
 
-def resolve_quick(cfg: Config) -> Config:
-    """With --quick, every field still at its default takes its QUICK value; flags given explicitly win."""
-    if not cfg.quick:
+def resolve_preset(cfg: Config) -> Config:
+    """With --preset (or --quick), every field still at its default takes the preset's value; flags given explicitly
+    win."""
+    preset = "quick" if cfg.quick else cfg.preset
+    if preset == "none":
         return cfg
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == defaults[k]})
+    return dataclasses.replace(cfg, **{k: v for k, v in PRESETS[preset].items() if getattr(cfg, k) == defaults[k]})
 
 
 def check_config(cfg: Config) -> None:
@@ -156,9 +189,13 @@ def check_config(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Spatial-MultiOmniglot as moco_acc's paired data: x is modality v, y is modality a
 # ---------------------------------------------------------------------------------------------------------------------
-def to_input(image: torch.Tensor) -> torch.Tensor:
-    """uint8 HxW ink -> 3xHxW standardised, the RGB input of moco_acc's image encoders."""
-    return ((image.float() / 255 - MEAN) / STD).expand(3, -1, -1)
+def to_input(image: torch.Tensor, downsample: int = 1) -> torch.Tensor:
+    """uint8 HxW ink -> 3x(H/s)x(W/s) standardised (s = downsample, by area average), the RGB input of moco_acc's
+    image encoders."""
+    ink = image.float().unsqueeze(0) / 255  # 1xHxW
+    if downsample > 1:
+        ink = F.avg_pool2d(ink, downsample)
+    return ((ink - MEAN) / STD).expand(3, -1, -1)
 
 
 def shifted(cells: torch.Tensor, shift: int) -> torch.Tensor:
@@ -176,15 +213,15 @@ class PairViews(torch.utils.data.Dataset):
     of each image of pair `index`, every random choice a function of `seed` (exact resume). The labels (first
     character) only feed moco_acc's count of distinct classes among the chosen negatives."""
 
-    def __init__(self, split: omniglot_data.MultiOmniglot, shift: int):
-        self.split, self.shift = split, shift
+    def __init__(self, split: omniglot_data.MultiOmniglot, shift: int, downsample: int = 1):
+        self.split, self.shift, self.downsample = split, shift, downsample
 
     def __len__(self):
         return len(self.split)
 
     def views(self, characters: torch.Tensor, drawer: int) -> list[torch.Tensor]:
         cells = self.split.cells(characters, drawer)
-        return [to_input(self.split.tile(shifted(cells, self.shift))) for _ in range(2)]
+        return [to_input(self.split.tile(shifted(cells, self.shift)), self.downsample) for _ in range(2)]
 
     def __getitem__(self, index_and_seed: tuple[int, int]):
         index, seed = index_and_seed
@@ -198,29 +235,29 @@ class PairViews(torch.utils.data.Dataset):
 class XImages(torch.utils.data.Dataset):
     """Probe input: index -> (unshifted x, its characters z: c)."""
 
-    def __init__(self, split: omniglot_data.MultiOmniglot, size: int):
-        self.split, self.size = split, size
+    def __init__(self, split: omniglot_data.MultiOmniglot, size: int, downsample: int = 1):
+        self.split, self.size, self.downsample = split, size, downsample
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, i: int):
-        return to_input(self.split.x(i)), self.split.z[i]
+        return to_input(self.split.x(i), self.downsample), self.split.z[i]
 
 
-def register(train: omniglot_data.MultiOmniglot, shift: int) -> None:
+def register(train: omniglot_data.MultiOmniglot, shift: int, downsample: int = 1) -> None:
     """Plug the training split into moco_acc as --dataset multiomniglot (a loader function in DATASETS)."""
     moco_acc.DATASETS[DATASET] = lambda _cfg: moco_acc.PairData(
-        PairViews(train, shift), kinds=("image", "image"), in_channels=(3, 3), num_classes=train.sizes[0], knn={})
+        PairViews(train, shift, downsample), kinds=("image", "image"), in_channels=(3, 3), num_classes=train.sizes[0], knn={})
 
 
-def pretrain_argv(cfg: Config, method: str, run_dir: Path) -> list[str]:
+def pretrain_argv(cfg: Config, method: str, seed: int, run_dir: Path) -> list[str]:
     """moco_acc.py flags of one run (line 3); --resume continues or reuses a run already in run_dir."""
     argv = ["--dataset", DATASET, "--arch", cfg.arch, "--batch-size", str(cfg.batch_size),
             "--moco-k", str(cfg.moco_k), "--pool-size", str(cfg.pool_size), "--moco-t", str(cfg.moco_t),
             "--moco-m", str(cfg.moco_m), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps),
             "--epochs", str(cfg.epochs), "--max-steps", str(cfg.max_steps), "--bn-splits", str(cfg.bn_splits),
-            "--workers", str(cfg.workers), "--seed", str(cfg.seed), "--out-dir", str(run_dir),
+            "--workers", str(cfg.workers), "--seed", str(seed), "--out-dir", str(run_dir),
             "--knn-every", "0", "--log-every", "10", *METHODS[method]]
     if "active" in METHODS[method]:  # only where a pool exists, so the other runs' configs never change with it
         argv += ["--pool-every", str(cfg.pool_every)]
@@ -242,27 +279,55 @@ def x_backbone(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
 
 
 def probe_accuracy(backbone: torch.nn.Module, train: omniglot_data.MultiOmniglot,
-                   evaluation: omniglot_data.MultiOmniglot, cfg: Config, device: torch.device) -> float:
+                   evaluation: omniglot_data.MultiOmniglot, cfg: Config, seed: int, device: torch.device) -> float:
     """Line 5-6: mean over positions of the held-out accuracy of a linear classifier, in [0, 1]."""
     backbone = backbone.to(device)
-    loaders = [common.make_loader(XImages(split, size), 256, cfg.workers, device)
+    loaders = [common.make_loader(XImages(split, size, cfg.downsample), 256, cfg.workers, device)
                for split, size in ((train, cfg.probe_train), (evaluation, cfg.num_eval))]
     (train_f, train_z), (test_f, test_z) = (common.extract_features(backbone, loader, device) for loader in loaders)
     # train_f: P x D, train_z: P x c; test_f: E x D, test_z: E x c
     accuracies = [common.linear_probe(train_f, train_z[:, i], test_f, test_z[:, i], l, cfg.probe_epochs,
-                                      cfg.probe_lr, seed=cfg.seed) for i, l in enumerate(train.sizes)]
+                                      cfg.probe_lr, seed=seed) for i, l in enumerate(train.sizes)]
     return sum(accuracies) / len(accuracies) / 100
 
 
+def probe_settings(cfg: Config) -> dict:
+    return {"probe_train": cfg.probe_train, "num_eval": cfg.num_eval, "probe_epochs": cfg.probe_epochs,
+            "probe_lr": cfg.probe_lr}
+
+
+def saved_probe(run_dir: Path, cfg: Config) -> float | None:
+    """The probe accuracy saved in run_dir/probe.json for these probe settings, if any: a finished run is neither
+    retrained nor probed again, so a rerun of the sweep (or of an interrupted preset) does only what is missing."""
+    path = run_dir / "probe.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == probe_settings(cfg):
+            return saved["accuracy"]
+    return None
+
+
+def save_probe(run_dir: Path, cfg: Config, accuracy: float) -> float:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "probe.json").write_text(json.dumps({"settings": probe_settings(cfg), "accuracy": accuracy}) + "\n")
+    return accuracy
+
+
+def summary(runs: list[float]) -> dict:
+    """{'mean', 'std' (sample std over seeds, 0 for one run), 'runs'} of accuracies in [0, 1]."""
+    t = torch.tensor(runs, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(runs) > 1 else 0.0, "runs": runs}
+
+
 def format_table(results: list[dict], columns: list[str]) -> str:
-    lines = [f"{'chars':>5} {'I(x;y) nats':>11} {'e^I':>9} " + " ".join(f"{NAMES[m]:>11}" for m in columns)]
+    lines = [f"{'chars':>5} {'I(x;y) nats':>11} {'e^I':>9} " + " ".join(f"{NAMES[m]:>13}" for m in columns)]
     for r in results:
         lines.append(f"{r['characters']:>5} {r['mi_nats']:>11.3f} {r['e_mi']:>9.3g} "
-                     + " ".join(f"{100 * r[m]:>10.1f}%" for m in columns))
+                     + " ".join(f"{100 * r[m]['mean']:>6.1f} +- {100 * r[m]['std']:>4.1f}" for m in columns))
     return "\n".join(lines)
 
 
-def save_plot(results: list[dict], columns: list[str], path: str) -> None:
+def save_plot(results: list[dict], columns: list[str], path: str, title: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -272,46 +337,64 @@ def save_plot(results: list[dict], columns: list[str], path: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in columns:
-        ax.plot([r["characters"] for r in results], [100 * r[m] for r in results], marker="o", label=NAMES[m])
+        ax.errorbar([r["characters"] for r in results], [100 * r[m]["mean"] for r in results],
+                    yerr=[100 * r[m]["std"] for r in results], marker="o", capsize=3, label=NAMES[m])
     ax.set_xlabel("characters (I(x;y) = sum ln l_i)")
     ax.set_ylabel("probe accuracy (%)")
-    ax.set_title("Spatial-MultiOmniglot (CM-ACC Fig. 3a)")
-    ax.legend()
+    ax.set_xticks([r["characters"] for r in results])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     print(f"plot written to {path}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = resolve_quick(common.parse_config(Config, argv, __doc__))
+    cfg = resolve_preset(common.parse_config(Config, argv, __doc__))
     check_config(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
+    columns = ["init", *cfg.methods]
     results = []
     for c in cfg.characters:  # line 1
-        train, evaluation = omniglot_data.load_or_build(cfg.omniglot, c, cfg.num_train, cfg.num_eval, cfg.seed,
+        train, evaluation = omniglot_data.load_or_build(cfg.omniglot, c, cfg.num_train, cfg.num_eval, cfg.data_seed,
                                                         cfg.cache_dir)
-        register(train, cfg.shift)
-        row = {"characters": c, "mi_nats": train.mutual_information, "e_mi": float(torch.tensor(train.sizes).prod())}
-        common.seed_everything(cfg.seed)
-        row["init"] = probe_accuracy(x_backbone(cfg, None), train, evaluation, cfg, device)
-        for method in cfg.methods:  # line 2
-            run_dir = Path(cfg.out_dir) / f"c{c}" / method
-            moco_acc.main(pretrain_argv(cfg, method, run_dir))  # line 3
-            row[method] = probe_accuracy(x_backbone(cfg, run_dir / "checkpoint.pt"), train, evaluation, cfg,
-                                         device)  # lines 4-6
+        register(train, cfg.shift, cfg.downsample)
+        row = {"characters": c, "mi_nats": train.mutual_information, "num_train": cfg.num_train,
+               "e_mi": float(torch.tensor(train.sizes, dtype=torch.float64).prod())}
+        runs = {m: [] for m in columns}
+        for seed in cfg.seeds:
+            init_dir = Path(cfg.out_dir) / f"c{c}" / "init" / f"seed{seed}"
+            accuracy = saved_probe(init_dir, cfg)
+            if accuracy is None:
+                common.seed_everything(seed)
+                accuracy = save_probe(init_dir, cfg, probe_accuracy(x_backbone(cfg, None), train, evaluation, cfg,
+                                                                     seed, device))
+            runs["init"].append(accuracy)
+            for method in cfg.methods:  # line 2
+                run_dir = Path(cfg.out_dir) / f"c{c}" / method / f"seed{seed}"
+                accuracy = saved_probe(run_dir, cfg)
+                if accuracy is None:
+                    moco_acc.main(pretrain_argv(cfg, method, seed, run_dir))  # line 3: trains or resumes
+                    accuracy = save_probe(run_dir, cfg, probe_accuracy(x_backbone(cfg, run_dir / "checkpoint.pt"),
+                                                                       train, evaluation, cfg, seed, device))  # 4-6
+                runs[method].append(accuracy)
+        row.update({m: summary(runs[m]) for m in columns})
         results.append(row)
-        print(f"{c} character(s), I(x;y) = {row['mi_nats']:.3f} nats: "
-              + ", ".join(f"{NAMES[m]} {100 * row[m]:.1f}%" for m in ("init", *cfg.methods)), flush=True)
+        print(f"{c} character(s), I(x;y) = {row['mi_nats']:.3f} nats: " + ", ".join(
+            f"{NAMES[m]} {100 * row[m]['mean']:.1f} +- {100 * row[m]['std']:.1f}%" for m in columns), flush=True)
+        if cfg.json:  # after every character count, so an interrupted sweep leaves what it finished
+            Path(cfg.json).write_text(json.dumps({"results": results, "config": dataclasses.asdict(cfg),
+                                                  "wall_s": time.perf_counter() - start}, indent=2) + "\n")
     wall_s = time.perf_counter() - start
-    columns = ["init", *cfg.methods]
     print(format_table(results, columns))
-    print(f"{len(cfg.characters)} x {len(cfg.methods)} runs in {wall_s:.0f} s on {device.type}")
+    print(f"{len(cfg.characters)} x {len(cfg.methods)} x {len(cfg.seeds)} runs in {wall_s:.0f} s on {device.type}")
     output = {"results": results, "config": dataclasses.asdict(cfg), "wall_s": wall_s}
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(output, indent=2) + "\n")
     if cfg.plot:
-        save_plot(results, columns, cfg.plot)
+        save_plot(results, columns, cfg.plot, f"Spatial-MultiOmniglot (CM-ACC Fig. 3a), {cfg.num_train} pairs, "
+                                              f"{len(cfg.seeds)} seed(s)")
     return output
 
 
