@@ -35,11 +35,17 @@ Where the paper, its public code and this script differ:
 - The public code samples k-means++ seeds in proportion to D, not D^2, and defines the cross-modal FC layers
   without using them. Here seeds follow Algorithm 3 (D^2, tested statistically) and the FC layers are in the loss
   path: q^v = FC(f_v(v)), k^a = FC'(h_a(a)), and FC' follows FC by momentum (and the other way round).
-- Eq. (5) names "the last layer" without saying which parameters. I read it as BADGE does: the layer whose output
-  is the softmax over "classes", here the M queries of the other modality, acting on the candidate's key. Its
-  gradient is (p_n - onehot(y~_n)) (outer) k_n, an MxC matrix per candidate. I never materialize the N x MC
-  matrix (2.5 GB at the paper's N and M): k-means++ needs only inner products, and
-  <r (outer) k, r' (outer) k'> = (r . r') (k . k').
+- Eq. (5) differentiates "with respect to parameters in the last layer" and names them theta_q^a, the audio
+  query encoder's, for video candidates (Algorithm 2 line 16 writes theta_q^v: the paper contradicts itself).
+  By default (--eq5 query) I read it as BADGE does: the layer whose output is the softmax over "classes", here
+  the M queries of the other modality acting on the candidate's key as a classifier's weights. Its gradient is
+  (p_n - onehot(y~_n)) (outer) k_n, an MxC matrix per candidate. I never materialize the N x MC matrix (2.5 GB at
+  the paper's N and M): k-means++ needs only inner products, and <r (outer) k, r' (outer) k'> = (r . r') (k . k').
+  --eq5 layer is the literal reading: the gradient with respect to the weight and bias of the other modality's
+  additional FC layer, the last layer of its query encoder (layer_gradient_embedding, closed form, tested
+  against autograd), materialized (N x (C^2 + C)). Without a temperature in Eq. (4) the posterior is nearly
+  uniform, so the BADGE reading's norms hardly vary (the "uncertainty" half of BADGE is almost absent); the
+  measured spread of both readings is under Results.
 - Eq. (4) has no temperature; I follow it (the loss of Eq. (6) uses tau).
 - Neither the paper nor its code keeps a query's own partner out of its negatives. Here the dictionaries track
   dataset ids: the mini-batch's items are never candidates (line 12 reads U \ (D u B)), and a dictionary entry with
@@ -97,9 +103,16 @@ one run each, seed 0. avmnist, 150 steps (125 per epoch):
   Single runs are noisy: another random stream for the k-means++ draws gave 74.0 / 50.7, 71.0 / 54.7 and
   74.7 / 56.0 for the three k-means++ rows. Still, in these short runs random negatives learn fastest and OHEM
   worst (as in Table 3); the paper's gains (Tables 1-3) come from Kinetics-scale pretraining I could not run here.
-  Classes among the selected negatives (Figure 2; tests/test_moco_acc.py, encoders of the XMoCo run above, 30 steps
-  of M=10 queries per modality, pool of 1000): mean distinct digits 7.05 active, 6.97 feature, 5.63 OHEM, against
-  6.52 expected of a uniform draw. At random init the gap is within noise (active 6.68 +- 0.11 over 60 draws).
+  Classes among the selected negatives (Figure 2; tests/test_moco_acc.py, encoders of the XMoCo run above with the
+  own-partner mask, 100 steps of M=10 queries per modality = 200 draws, pool of 1000, OMP_NUM_THREADS=1): mean
+  distinct digits (+- standard error over draws) active 6.98 +- 0.07, feature 6.87 +- 0.07, OHEM 5.92 +- 0.09,
+  against 6.52 expected of a uniform draw: active beats random by 6.7 SE, OHEM falls short by 6.7 SE. 400 draws
+  of the same encoders: active 6.89 +- 0.05 (+7.6 SE), feature 6.87 +- 0.05, OHEM 5.93 +- 0.06. At random init:
+  active 6.66 +- 0.05 (+2.8 SE), feature 6.58 +- 0.05, OHEM 4.97 +- 0.11. (The 60 draws used before had SE 0.13:
+  7.05 here and 6.68 on another CPU were within 2 SE of each other.)
+  Own partners among the negatives (logged own_partner_v, Spatial-MultiOmniglot --preset cpu, K 1024, 5,000 pairs,
+  now masked out of the loss): CM-ACC 18-21% of queries (K / |data| = 20%), XMoCo 1.4% (the initial random
+  dictionary, until the queue turns over), SMoCo 0.6%.
   Step time, `OMP_NUM_THREADS=1 python benchmark.py acc --batch-size 32 --steps 20` (two small image CNNs, the
   paper's ratios M:K:N = 32:960:9600, one thread): XMoCo 127 pairs/s (encode 186 / sample 0 / update 68 ms),
   active 99 pairs/s (186 / 63 / 71 ms: +27%, the issue's goal is 25%), feature 107, OHEM 114; a pool refresh

@@ -383,9 +383,10 @@ def test_active_sampling_selects_negatives_of_more_classes_than_random(trained_a
     """The paper's Figure 2 claim, on avmnist with the trained encoders: the M=10 negatives active sampling picks
     from a pool of 1000 span more digit classes than M drawn uniformly from the same pool (random sampling's mean
     computed exactly), by more than 3 standard errors of the mean over 200 draws (100 steps of 10 queries, each
-    modality); OHEM's top-loss picks span fewer, by as much. Measured on a 2-core CPU (see README): active 6.89
-    +- 0.05 against random 6.52, OHEM 5.93 +- 0.06; at random init active 6.66 +- 0.05. With the 60 draws this
-    test used before (SE 0.13), another machine's encoder had given active 6.68: that margin was too thin."""
+    modality); OHEM's top-loss picks span fewer, by as much. Measured on a 2-core CPU (see README): active 6.98
+    +- 0.07 against random 6.52 (+6.7 SE), OHEM 5.92 +- 0.09; at random init active 6.66 +- 0.05 over 400 draws
+    (+2.8 SE). With the 60 draws this test used before (SE 0.13), another CPU's run had given active 6.68: that
+    margin was too thin."""
     cfg, out = trained_avmnist
     data = moco_acc.load_avmnist(cfg)
     model = moco_acc.CMACC(cfg, data.kinds, data.in_channels, bn_splits=2)
