@@ -1394,6 +1394,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: fig.savefig(p, dpi=90, format=out.suffix.lstrip(".") or "png"))
     print(f"wrote {out}: {', '.join(quantities)} for {len(curves)} run(s)")
 
