@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import option
+from common import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The two players' objectives (Eqs. 1, 2 and Sec. 4.1)
@@ -140,30 +140,30 @@ class Config:
     dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
                           choices=common.IMAGE_DATASETS)
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)")
-    workers: int = option(4, "data loader processes per training process")
+    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
+    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
     stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
                        choices=("auto", "cifar", "imagenet"))
-    dim: int = option(128, "feature dimension C of the contrastive space")
+    dim: int = option(128, "feature dimension C of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MoCo v2 MLP projection head (--no-mlp: MoCo v1 linear head)")
     bn_splits: int = option(8, "BatchNorm groups on one device (SplitBatchNorm imitates that many GPUs); "
-                               "under torchrun each process is one group")
+                               "under torchrun each process is one group", check=at_least(1))
     # MoCo
-    moco_m: float = option(0.99, "momentum m of the key encoder (the paper: 0.999 on ImageNet)")
-    moco_t: float = option(0.12, "temperature t of the encoder's loss (Sec. 5.1)")
+    moco_m: float = option(0.99, "momentum m of the key encoder (the paper: 0.999 on ImageNet)", check=between(0, 1))
+    moco_t: float = option(0.12, "temperature t of the encoder's loss (Sec. 5.1)", check=POSITIVE)
     # Averaged, as the official code does for both players: at the same lr the step is one direction's size, half
     # that of MoCo's CIFAR demo, which sums the two (moco_ring.py --symmetric). tests/test_adco.py checks the scale.
     symmetric: bool = option(False, "symmetric loss (Appendix A): each view is query once and key once, the two "
                                     "losses averaged 0.5/0.5 as in the official code (MoCo's demo sums them)")
     # AdCo: the negative adversaries (Sec. 3.2, 5.1)
-    bank_size: int = option(4096, "number K of negative adversaries (the paper: 65536 on ImageNet)")
-    mem_t: float = option(0.02, "temperature t of the adversaries' objective (Sec. 5.1)")
-    mem_lr: float = option(3.0, "SGD learning rate of the adversaries (cosine decay to 0)")
-    mem_momentum: float = option(0.9, "SGD momentum of the adversaries")
-    mem_wd: float = option(1e-4, "weight decay of the (unnormalized) adversaries")
+    bank_size: int = option(4096, "number K of negative adversaries (the paper: 65536 on ImageNet)", check=at_least(1))
+    mem_t: float = option(0.02, "temperature t of the adversaries' objective (Sec. 5.1)", check=POSITIVE)
+    mem_lr: float = option(3.0, "SGD learning rate of the adversaries (cosine decay to 0)", check=NON_NEGATIVE)
+    mem_momentum: float = option(0.9, "SGD momentum of the adversaries", check=between(0, 1))
+    mem_wd: float = option(1e-4, "weight decay of the (unnormalized) adversaries", check=NON_NEGATIVE)
     # On by default: the paper (Sec. 5.1) says so; off is the official code, where |W| drifts (1.00 -> 1.25 in 40
     # CPU steps) and the adversaries' angular step shrinks with it.
     renormalize: bool = option(True, "l2-normalize every adversary after each of its SGD steps (Sec. 5.1); "
@@ -172,22 +172,26 @@ class Config:
                                  "'J' the alternative of Sec. 4.1 (Eq. 7)", choices=("ce", "J"))
     multi_crop: bool = option(False, "five query crops of decreasing size against one full-size key crop (Sec. 5.2.1)")
     # optimization
-    epochs: int = option(200, "training epochs")
-    batch_size: int = option(512, "global batch size (split evenly over processes)")
-    lr: float = option(0.06, "SGD learning rate of the encoder (cosine decay to 0)")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay")
+    epochs: int = option(200, "training epochs", check=at_least(1))
+    batch_size: int = option(512, "global batch size (split evenly over processes)", check=at_least(1))
+    lr: float = option(0.06, "SGD learning rate of the encoder (cosine decay to 0)", check=NON_NEGATIVE)
+    momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
+    weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
     # run
-    seed: int = option(0, "random seed (model init, bank images, data order, augmentations)")
+    seed: int = option(0, "random seed (model init, bank images, data order, augmentations)", check=NON_NEGATIVE)
     out_dir: str = option("runs/adco", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt to continue from (same config)")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs")
-    log_every: int = option(1, "steps between metrics.jsonl records")
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)")
-    knn_k: int = option(200, "neighbours of the kNN monitor")
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)")
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
+                            check=NON_NEGATIVE)
+    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
+    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
 
 # Sec. 5.2.1's five crops, 224/192/160/128/96 px on ImageNet, as fractions of the image side, with the official
@@ -354,10 +358,6 @@ def check_config(cfg: Config, num_images: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
     if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
         common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
-    if cfg.bank_size < 1:
-        common.fail(f"--bank-size {cfg.bank_size}: the adversaries need at least one vector")
-    if cfg.moco_t <= 0 or cfg.mem_t <= 0:
-        common.fail(f"temperatures must be positive (--moco-t {cfg.moco_t}, --mem-t {cfg.mem_t})")
     if cfg.symmetric and cfg.multi_crop:
         common.fail("--symmetric and --multi-crop cannot be combined (nor can they in the official code)")
     if cfg.multi_crop and round(MULTI_CROPS[-1][0] * cfg.image_size) < 8:
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     # broadcast_buffers=False: no buffer needs it (the key encoder's BN statistics are never used in training).
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "adco", resuming=bool(cfg.resume))
+    run = common.RunDir(cfg.out_dir, config, "adco", resuming=bool(cfg.resume), step=step)
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     if not cfg.resume:  # line 0, from a private generator: the global RNG stays as a resumed run would find it
@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
+    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             stats = train_step(model, ddp_model, optimizer, bank_optimizer, common.to_device(views, device), step,
                                total_steps)
             step += 1
-            common.check_finite(stats["loss"], step)
+            run.check_finite(stats["loss"], step)
             images += cfg.batch_size
             progress.update()
             progress.set_postfix(loss=f"{stats['loss']:.3f}", adv=f"{stats['adv_loss']:.3f}",
@@ -423,9 +424,10 @@ def main(argv: list[str] | None = None) -> None:
             if step % cfg.log_every == 0:
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
-            if step == last_step:
+            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
         epoch_done = step % steps_per_epoch == 0
+        common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder_q.backbone)
             spread = bank_rank_difference(model.bank)
@@ -434,9 +436,11 @@ def main(argv: list[str] | None = None) -> None:
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
         common.save_checkpoint(run.checkpoint_path, "adco", config, step, model,
                                {"encoder": optimizer, "bank": bank_optimizer}, model.encoder_q.backbone)
+        timer.saved()
+        timer.stop_if_signalled(step, run.checkpoint_path)
     progress.close()
+    timer.close()
 
 
 if __name__ == "__main__":
-    main()
-    common.shutdown_distributed()
+    common.run_main(main)

@@ -109,7 +109,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import option
+from common import NON_NEGATIVE, POSITIVE, at_least, greater_than, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels (Table 6), the SVM dual of Proposition 1 and its two solvers
@@ -347,37 +347,38 @@ class Config:
     dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
                           choices=common.IMAGE_DATASETS)
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)")
-    workers: int = option(4, "data loader processes per training process")
+    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
+    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
     stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
                        choices=("auto", "cifar", "imagenet"))
-    dim: int = option(128, "feature dimension D of the contrastive space")
+    dim: int = option(128, "feature dimension D of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MLP projection head (--no-mlp: a linear head)")
     bn_splits: int = option(1, "BatchNorm groups per view on one device (SplitBatchNorm imitates that many GPUs); "
-                               "under torchrun each process is one group")
+                               "under torchrun each process is one group", check=at_least(1))
     # loss
     loss: str = option("mmcl", "'mmcl': the SVM loss of Eq. (9); 'simclr': NT-Xent, the paper's baseline",
                        choices=("mmcl", "simclr"))
-    temperature: float = option(0.5, "SimCLR softmax temperature (--loss simclr only)")
+    temperature: float = option(0.5, "SimCLR softmax temperature (--loss simclr only)", check=POSITIVE)
     negatives: str = option("both", "negatives per anchor: 'both' views of the other images (2N-2, Algorithm 1) "
                                     "or their 'first' views (N-1, the public code)", choices=("both", "first"))
     kernel: str = option("rbf", "SVM kernel (Table 6); tanh is not positive semi-definite: the SVM dual is then "
                                 "not convex (INV returns a stationary point, PGD a local minimum; refused with "
                                 "--solver pgd --C inf, where it diverges)", choices=KERNELS)
-    sigma2: float = option(25.0, "RBF bandwidth sigma^2 in exp(-||x-y||^2 / (2 sigma^2)) at the start")
+    sigma2: float = option(25.0, "RBF bandwidth sigma^2 in exp(-||x-y||^2 / (2 sigma^2)) at the start", check=POSITIVE)
     sigma_milestones: str = option("75,125", "epochs (comma-separated) at which sigma^2 is divided by "
                                              "--sigma-decay; '' for a constant bandwidth")
-    sigma_decay: float = option(10.0, "factor sigma^2 is divided by at each milestone")
+    sigma_decay: float = option(10.0, "factor sigma^2 is divided by at each milestone", check=POSITIVE)
     tanh_gamma: float = option(1.0, "tanh kernel scale gamma in tanh(gamma x.y + eta)")
     tanh_eta: float = option(0.0, "tanh kernel offset eta")
-    C: float = option(100.0, "SVM slack penalty C, the upper bound on alpha ('inf': hard margin)")
-    beta: float = option(0.1, "ridge beta added to Delta's diagonal (Practical considerations)")
+    C: float = option(100.0, "SVM slack penalty C, the upper bound on alpha ('inf': hard margin)",
+                      check=greater_than(0, allow_inf=True))
+    beta: float = option(0.1, "ridge beta added to Delta's diagonal (Practical considerations)", check=NON_NEGATIVE)
     solver: str = option("inv", "SVM dual solver: 'inv' truncated least squares, 'pgd' projected gradient",
                          choices=("inv", "pgd"))
-    pgd_steps: int = option(1000, "maximum PGD iterations")
+    pgd_steps: int = option(1000, "maximum PGD iterations", check=at_least(1))
     pgd_step: float = option(0.0, "PGD step size; 0: 1/(||Delta||_F + beta) per anchor, at most 1/lambda_max (the "
                                   "paper and the public configs use a fixed 1e-3, or 1/||Delta||_2)",
                              check=common.NON_NEGATIVE)
@@ -389,22 +390,26 @@ class Config:
                             check=common.NON_NEGATIVE)
     fn_correction: bool = option(False, "false-negative correction: alpha[alpha == C] = 0 (appendix)")
     # optimization
-    epochs: int = option(400, "training epochs")
-    batch_size: int = option(256, "global batch size N (split evenly over processes)")
-    lr: float = option(1e-3, "Adam learning rate")
-    weight_decay: float = option(1e-6, "Adam weight decay")
+    epochs: int = option(400, "training epochs", check=at_least(1))
+    batch_size: int = option(256, "global batch size N (split evenly over processes)", check=at_least(1))
+    lr: float = option(1e-3, "Adam learning rate", check=NON_NEGATIVE)
+    weight_decay: float = option(1e-6, "Adam weight decay", check=NON_NEGATIVE)
     cosine: bool = option(False, "cosine-decay the learning rate to 0 (the paper's CIFAR/STL recipe keeps it)")
     # run
-    seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)")
+    seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)", check=NON_NEGATIVE)
     out_dir: str = option("runs/mmcl", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt to continue from (same config)")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs")
-    log_every: int = option(1, "steps between metrics.jsonl records")
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)")
-    knn_k: int = option(200, "neighbours of the kNN monitor")
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)")
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
+                            check=NON_NEGATIVE)
+    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
+    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
     def __post_init__(self):
         # Checked when the flags are parsed, before any data is read. With tanh, Delta + beta I has negative
@@ -491,17 +496,6 @@ def check_config(cfg: Config, num_images: int) -> None:
         common.fail(f"--batch-size {cfg.batch_size}: contrastive learning needs at least 2 images (negatives)")
     if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
         common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
-    if not cfg.C > 0:
-        common.fail(f"--C {cfg.C} must be positive (inf for a hard margin)")
-    if not 0 <= cfg.beta < math.inf:
-        common.fail(f"--beta {cfg.beta} must be finite and non-negative")
-    if not 0 < cfg.sigma2 < math.inf or not 0 < cfg.sigma_decay < math.inf:
-        common.fail(f"--sigma2 {cfg.sigma2} and --sigma-decay {cfg.sigma_decay} must be positive and finite")
-    if not cfg.temperature > 0:
-        common.fail(f"--temperature {cfg.temperature} must be positive")
-    if cfg.pgd_steps < 1 or not cfg.pgd_step >= 0 or not cfg.pgd_tol >= 0:
-        common.fail(f"PGD needs --pgd-steps >= 1, --pgd-step >= 0 and --pgd-tol >= 0 (got {cfg.pgd_steps}, "
-                    f"{cfg.pgd_step}, {cfg.pgd_tol})")
     try:
         parse_milestones(cfg.sigma_milestones)
     except ValueError:
@@ -532,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     # broadcast_buffers=False: BatchNorm statistics stay per rank, as per GPU in the paper's runs.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume))
+    run = common.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume), step=step)
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
@@ -544,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
+    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -553,16 +548,17 @@ def main(argv: list[str] | None = None) -> None:
             stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
                                total_steps)
             step += 1
-            common.check_finite(stats["loss"], step)
+            run.check_finite(stats["loss"], step)
             images += cfg.batch_size
             progress.update()
             progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("loss", "sv_frac") if k in stats})
             if step % cfg.log_every == 0:
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
-            if step == last_step:
+            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
         epoch_done = step % steps_per_epoch == 0
+        common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder.backbone)
             if common.is_main():
@@ -570,9 +566,11 @@ def main(argv: list[str] | None = None) -> None:
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
         common.save_checkpoint(run.checkpoint_path, "mmcl", config, step, model, {"encoder": optimizer},
                                model.encoder.backbone)
+        timer.saved()
+        timer.stop_if_signalled(step, run.checkpoint_path)
     progress.close()
+    timer.close()
 
 
 if __name__ == "__main__":
-    main()
-    common.shutdown_distributed()
+    common.run_main(main)

@@ -259,8 +259,9 @@ def test_short_cpu_run_learns_on_real_images(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--bank-size", "0"], "at least one vector"),
-    (["--mem-t", "0"], "temperatures must be positive"),
+    (["--bank-size", "0"], "--bank-size: 0 is out of range (must be >= 1)"),
+    (["--mem-t", "0"], "--mem-t: 0.0 is out of range (must be > 0)"),
+    (["--mem-momentum", "1.5"], "--mem-momentum: 1.5 is out of range"),
     (["--symmetric", "--multi-crop"], "cannot be combined"),
     (["--batch-size", "5000"], "larger than the dataset"),
     (["--multi-crop", "--image-size", "12"], "smallest crop under 8 px"),
@@ -277,8 +278,8 @@ def test_bad_input_is_refused_with_one_line(tmp_path, capsys, args, message):
 
 def test_bad_input_from_the_command_line_and_foreign_resume(tmp_path):
     result = run_script("adco.py", "--dataset", "synthetic", "--mem-t", "-1", "--out-dir", str(tmp_path), check=False)
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        "error: temperatures must be positive (--moco-t 0.12, --mem-t -1.0)"]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: argument --mem-t: -1.0 is out of range (must be > 0) (see --help)"]
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="not a checkpoint of this project"):
         adco.main(["--dataset", "synthetic", "--resume", str(tmp_path / "notes.txt"), "--out-dir", str(tmp_path)])

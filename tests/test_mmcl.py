@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import common
 import mmcl
 import conftest
-from conftest import CIFAR_JPG, ROOT, needs_cifar, read_metrics, run_script
+from conftest import CIFAR_JPG, ROOT, error_line, needs_cifar, read_metrics, run_script
 
 INF = float("inf")
 SMALL_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
@@ -466,22 +466,24 @@ def test_short_cpu_runs_of_mmcl_and_simclr_learn_on_real_images(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--C", "0"], "--C 0.0 must be positive"),
-    (["--C", "nan"], "must be positive"),
-    (["--beta", "-1"], "--beta -1.0 must be"),
-    (["--sigma2", "0"], "--sigma2 0.0 and --sigma-decay"),
+    (["--C", "0"], "--C: 0.0 is out of range (must be > 0)"),
+    (["--C", "nan"], "--C: nan is out of range"),
+    (["--beta", "-1"], "--beta: -1.0 is out of range"),
+    (["--sigma2", "0"], "--sigma2: 0.0 is out of range"),
+    (["--sigma-decay", "inf"], "--sigma-decay: inf is out of range"),
     (["--sigma-milestones", "75;125"], "not a comma-separated list"),
-    (["--pgd-steps", "0"], "PGD needs"),
-    (["--temperature", "0"], "--temperature 0.0 must be positive"),
+    (["--pgd-steps", "0"], "--pgd-steps: 0 is out of range"),
+    (["--temperature", "0"], "--temperature: 0.0 is out of range"),
     (["--batch-size", "1"], "at least 2 images"),
     (["--batch-size", "5000"], "larger than the dataset"),
     (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
 ])
-def test_bad_values_give_one_clear_error(tmp_path, args, message):
+def test_bad_values_give_one_clear_error(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as error:
         mmcl.main(["--dataset", "synthetic", "--arch", "small", *args, "--out-dir", str(tmp_path / "run")])
-    assert str(error.value).startswith("error:") and message in str(error.value), error.value
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    line = error_line(error, capsys)
+    assert line.startswith("error:") and message in line, line
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args,message", [(["--solver", "cvx"], "invalid choice"),
@@ -511,5 +513,5 @@ def test_tanh_with_pgd_and_no_cap_is_refused_at_parse_time(tmp_path):
 def test_a_bad_value_exits_nonzero_with_one_stderr_line(tmp_path):
     result = run_script("mmcl.py", "--dataset", "synthetic", "--C", "-1", "--out-dir", str(tmp_path / "run"),
                         check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "error: --C -1.0 must be positive (inf for a hard margin)"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: argument --C: -1.0 is out of range (must be > 0) (see --help)"
