@@ -6,7 +6,7 @@ Theorem 3.1: negatives drawn from a subset S_B of the data that is "close" to th
 lower bound on mutual information, looser than NCE's but of lower variance (Theorem 3.2). Section 4 takes S_B to be
 a ring: the queue entries whose similarity to the query lies between the w_l-th and w_u-th percentiles.
 
-Algorithm 1 (MoCoRing), as implemented here (line numbers are cited in the code):
+Algorithm 1 (MoCoRing, --negatives queue), as implemented here (line numbers are cited in the code):
      1  tx1, tx2 = aug(x), aug(x)                      # two views of a batch           (AugmentedViews, MultiView)
      2  q = norm(g_q(tx1))                             # q: NxC                         (MoCoRing.forward)
      3  k = norm(g_k(tx2)).detach()                    # k: NxC, shuffle BN             (MoCoRing.forward)
@@ -18,33 +18,67 @@ Algorithm 1 (MoCoRing), as implemented here (line numbers are cited in the code)
      9  loss.backward(); step(g_q)                     #                                  (train_step)
     10  g_k = m * g_k + (1 - m) * g_q                  # momentum update                 (train_step)
     11  enqueue(queue, k); dequeue(queue)              # FIFO                            (train_step)
-    12  anneal(w_l)                                    # Section 4, Appendix E           (anneal_lower)
+    12  anneal(w_l); anneal(w_u)                       # Section 4, Appendix E           (ring_schedule)
 With --ring-lower 0 --ring-upper 100 the ring is the whole queue and this is exactly MoCo v2 (InfoNCE, Eq. 4).
 
-Where the paper and its public code differ (../shared/papers/README.md):
+IRing (--negatives bank): instance discrimination (Wu et al. 2018; the paper's Eq. 3) with the ring. One encoder g,
+one view per image, a memory bank M of one normalized embedding per training index (MemoryBank):
+    v = norm(g(t(x_i)))                                # v: NxC                         (MoCoRing.forward_bank)
+    l_pos = v . M[i] / t                               # Nx1, the bank's own entry       (bank_ring_loss)
+    j_1..j_k ~ U(ring of v among all of M)             # percentiles [w_l, w_u], with replacement (sample_ring_indices)
+    loss = -l_pos + logsumexp([l_pos, v . M[j_1..k] / t])                                 (bank_ring_loss)
+    M[i] <- norm(m M[i] + (1 - m) v)                   # after the step; m = 0 default   (MemoryBank.update)
+    anneal(w_l); anneal(w_u)                                                              (ring_schedule)
+--ring-lower 0 --ring-upper 100 is IR itself. CMCRing (two encoders on L and ab colour channels, two banks swapped)
+is not implemented: it needs a Lab colour pipeline and split-channel encoders that nothing else here uses, and the
+public code has none to check against (../shared/papers/README.md).
+
+Where the paper and its public code (mhw32/contrastive-ring-public) differ (../shared/papers/README.md):
 - Alg. 1 writes logsumexp(ring) without the positive; Theorem 3.1 and the public code keep it. I keep it.
-- The paper (Sec. 4) anneals w_l upwards; the public code anneals its outer threshold from 100% to 10% of the
-  queue, which is the same move in percentile terms (w_l: 0 -> 90). The public code's default ring is the closest
-  10% of the queue minus the closest 10% of that: percentiles [90, 99], our defaults.
+- Annealing. Alg. 1 ends with anneal(w_l); anneal(w_u) and Appendix E moves the outer threshold from 100% to 10% of
+  the set over 100 epochs. The public code anneals its outer threshold f (1 -> 0.1) and, with dynamic_inner (which
+  its `x or True` forces on), cuts the closest 10% *of that outer set*, so in percentiles the ring goes
+  [0, 90] -> [90, 99]: w_u moves too. That is the default here (--anneal-upper); --no-anneal-upper keeps w_u at
+  --ring-upper (the text of Sec. 4, which anneals w_l only). --anneal step is the public code's StepThresholdPolicy:
+  10 levels (f = 1.0, 0.9, ..., 0.1), each held a tenth of the span. --anneal linear reaches the target after
+  --anneal-epochs (the public linspace gets there one step earlier). Their released configs switch annealing off.
+- IRing's bank momentum: the paper (Sec. 2) stores "the embedding of the view of x_i observed last epoch", the public
+  config has m = 0: --bank-m 0 by default (Wu et al. 2018's own code: 0.5). The public code draws k - 1 = 4095
+  negatives and adds the positive; here --bank-negatives k = 4096 negatives plus the positive, as Eq. 3 writes.
+- --symmetric sums both directions (loss_12 + loss_21), as MoCo's CIFAR demo that the flag names does; the logged
+  loss is therefore about twice the asymmetric one.
 - Defaults for CIFAR follow MoCo's CIFAR-10 demo (ResNet-18, 3x3 stem, SplitBN 8, batch 512, K 4096, m 0.99,
-  t 0.1, SGD 0.06 cosine, wd 5e-4), the recipe whose kNN numbers are the known reference.
+  t 0.1, SGD 0.06 cosine, wd 5e-4), the recipe whose kNN numbers are the known reference. --recipe paper sets the
+  Ring paper's (Sec. 5 "Training Details"): t 0.07, lr 0.03, wd 1e-4, batch 256, 300 epochs with the lr / 10 at
+  epochs 200 and 250, K 65536, m 0.999; explicit flags still win. Still not the paper's: its images are resized to
+  256 and cropped to 224 px (try --image-size 224; this script crops at the dataset's 32 px), and its linear probe
+  reads the pre-pool 512x7x7 feature map where `python common.py probe` reads the pooled 512-d feature.
 
 Run:
     python moco_ring.py                                            # CIFAR-10 (downloaded), ResNet-18, one device
     python moco_ring.py --ring-lower 0 --ring-upper 100            # the MoCo v2 baseline
+    python moco_ring.py --negatives bank                           # IRing (--ring-lower 0 --ring-upper 100: IR)
+    python moco_ring.py --recipe paper                             # the paper's CIFAR settings (see above)
     python moco_ring.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 moco_ring.py --batch-size 512      # 4 GPUs (global batch 512), or 4 CPU processes
     python common.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
 
 Results measured (2-core CPU, no GPU, torch 2.14.1; README.md has every command):
 - ring_loss equals a naive per-query loop at five ring widths and MoCo's InfoNCE bit for bit at (0, 100);
-  1 process with --bn-splits 2 and 2 gloo processes give the same first-step loss (0.0713495); resume is exact.
-- Small CNN on the CIFAR-10 JPEGs, 300 steps of batch 128, ring annealed to [90, 99] over the first 156:
-  kNN top-1 30.9% (random init) -> 37.9% (tests/test_moco_ring.py, 75 s).
+  bank_ring_loss equals a naive loop at three widths; the schedule equals a hand computation of the public code's
+  policies; 1 process with --bn-splits 2 and 2 gloo processes give the same first two losses, queue and bank;
+  resume is exact in both modes.
+- Small CNN on the CIFAR-10 JPEGs, 300 steps of batch 128, w_l annealed 0 -> 90 with w_u at 99 over the first 156
+  (--no-anneal-upper): kNN top-1 30.9% (random init) -> 37.9% (tests/test_moco_ring.py, 75 s, idle CPU).
+- IRing at the same scale (one run each, seed 0, kNN after step 156 / 300): IR 23.3 / 21.2, IRing annealed
+  22.0 / 21.9, IRing without annealing 24.5 / 24.0, all below the random-init encoder (30.9): in two epochs IR is
+  still starting up (epoch 1 contrasts random bank entries), so the paper's ordering is not reproduced at this
+  scale; figures/moco_ring_curves.png and README.md have the commands.
 - Step throughput, small CNN, batch 256, K 4096 (python benchmark.py ring --steps 20): MoCo v2 845 images/s,
   MoCoRing 817, x0.966.
-- Not yet measured: CIFAR-10/100, STL-10 ResNet-18 runs of the paper's length (need a GPU). The paper's Table 1:
-  MoCo 83.1 -> MoCoRing 86.1 on CIFAR-10 (linear probe); MoCo's CIFAR demo: kNN 82.6 at 200 epochs.
+- Not yet measured: CIFAR-10/100, STL-10 ResNet-18 runs of the paper's length (need a GPU). The paper's Table 1
+  (CIFAR-10, linear probe, its recipe above): IR 81.2 -> IRing 83.9, MoCo 83.1 -> MoCoRing 86.1; Table 2: IRing
+  without annealing 81.4. MoCo's CIFAR demo (the defaults here): kNN 82.6 at 200 epochs.
 """
 from __future__ import annotations
 
@@ -60,7 +94,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import option
+from common import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The Ring (Section 4; Algorithm 1 lines 4-8 of the run card) and its loss
@@ -115,11 +149,20 @@ def sample_ring_indices(similarity: torch.Tensor, lower: float, upper: float, nu
     ring: each candidate inside the ring is equally likely, as p(A | S_B) renormalizes the uniform marginal.
     row_offset/total_rows: these N rows are rows [row_offset, row_offset + N) of a batch of `total_rows` (0: N),
     and the positions are drawn for the whole batch at once, so a rank of a distributed run draws what one process
-    would draw for the same rows of the global batch.
+    would draw for the same rows of the global batch. Position p of a ring is its p-th member counted from the
+    farthest; when the ring is the whole set, position p is candidate p (the same uniform draw, without a sort).
     """
-    lo, hi = ring_bounds(similarity.shape[1], lower, upper)
-    order = similarity.argsort(dim=1)[:, lo:hi]  # order: Nx(hi-lo), candidate ids in the ring, far -> close
+    num_candidates = similarity.shape[1]
+    lo, hi = ring_bounds(num_candidates, lower, upper)
     rows = similarity.shape[0]
+    if (lo, hi) == (0, num_candidates):  # the whole set (IR, Eq. 3: j ~ U(1, n)): no ranking needed
+        order = torch.arange(num_candidates, device=similarity.device).expand(rows, -1)
+    else:
+        # The ring's candidate ids, far -> close (argsort[:, lo:hi], up to the order of tied scores). A top-k of
+        # the M-lo closest replaces the full sort, as in ring_loss: IRing's whole loss, forward + backward, at
+        # M 20000, N 128, w_l 90 took 0.18 s instead of 1.8 s with the argsort (loaded 2-core CPU, one thread).
+        closest_first = similarity.topk(num_candidates - lo, dim=1).indices  # Nx(M-lo), descending similarity
+        order = closest_first.flip(1)[:, :hi - lo]  # order: Nx(hi-lo), ranks lo..hi-1 counted from the farthest
     draw_on = generator.device if generator is not None else similarity.device
     pick = torch.randint(0, hi - lo, (total_rows or rows, num_samples), generator=generator, device=draw_on)
     pick = pick[row_offset:row_offset + rows].to(similarity.device)  # pick: NxS positions inside the ring
@@ -191,17 +234,17 @@ class Config:
     dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
                           choices=common.IMAGE_DATASETS)
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)")
-    workers: int = option(4, "data loader processes per training process")
+    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
+    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
     stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
                        choices=("auto", "cifar", "imagenet"))
-    dim: int = option(128, "feature dimension C of the contrastive space")
+    dim: int = option(128, "feature dimension C of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MoCo v2 MLP projection head (--no-mlp: MoCo v1 linear head)")
     bn_splits: int = option(8, "BatchNorm groups on one device (SplitBatchNorm imitates that many GPUs); "
-                               "under torchrun each process is one group")
+                               "under torchrun each process is one group", check=at_least(1))
     # MoCo (--negatives queue: MoCoRing, Alg. 1) or instance discrimination (--negatives bank: IRing, Eq. 3)
     negatives: str = option("queue", "where the ring's negatives come from: 'queue' MoCoRing (Alg. 1, momentum "
                                      "encoder, FIFO queue); 'bank' IRing (Eq. 3, one encoder, a memory bank of one "
@@ -217,8 +260,10 @@ class Config:
                                 "last epoch's view (Sec. 2, public code); Wu et al. 2018 use 0.5",
                            check=common.between(0.0, 1.0, include_high=False))
     # Ring (Section 4)
-    ring_lower: float = option(90.0, "lower percentile w_l of the ring in [0, 100] (the annealing's target)")
-    ring_upper: float = option(99.0, "upper percentile w_u: entries closer than this are not negatives (target)")
+    ring_lower: float = option(90.0, "lower percentile w_l of the ring in [0, 100] (the annealing's target)",
+                               check=between(0, 100))
+    ring_upper: float = option(99.0, "upper percentile w_u: entries closer than this are not negatives (target)",
+                               check=between(0, 100))
     anneal: str = option("linear", "schedule of the ring: 'linear' w_l 0 -> target, 'step' the same in 10 levels "
                                    "(the public code's), 'none' the targets from step 0",
                          choices=("none", "linear", "step"))
@@ -235,19 +280,20 @@ class Config:
     lr: float = option(0.06, "SGD learning rate", check=common.greater_than(0.0))
     lr_drops: tuple[int, ...] = option((), "epochs at which the lr is divided by 10 (the paper: 200 250); none: "
                                            "cosine decay to 0 (MoCo's CIFAR demo)", check=common.each(common.at_least(1)))
-    momentum: float = option(0.9, "SGD momentum")
+    momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
     weight_decay: float = option(5e-4, "SGD weight decay", check=common.at_least(0.0))
     # run
-    seed: int = option(0, "random seed (model init, data order, augmentations)")
+    seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt to continue from (same config)")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs")
-    log_every: int = option(1, "steps between metrics.jsonl records")
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)")
-    knn_k: int = option(200, "neighbours of the kNN monitor")
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights")
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)")
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
+                            check=NON_NEGATIVE)
+    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
+    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
 
 # The Ring paper's CIFAR recipe (Sec. 5 "Training Details"; public configs mocov2/moco_ring.json, nce/nce_ring.json).

@@ -138,7 +138,7 @@ def naive_bank_ring_loss(q, bank, index, t, lower, upper, pick):
         sims = [(qi @ row).item() / t for row in bank.double()]
         ascending = sorted(range(M), key=lambda j: sims[j])
         lo, hi = int(lower / 100 * M), max(int(upper / 100 * M), int(lower / 100 * M) + 1)
-        ring = ascending[lo:hi]
+        ring = ascending[lo:hi] if (lo, hi) != (0, M) else list(range(M))  # the whole bank: j ~ U(1, n) by id
         terms = [sims[i]] + [sims[ring[p]] for p in picks]
         losses.append(math.log(sum(math.exp(s) for s in terms)) - sims[i])
     return sum(losses) / len(losses)
@@ -239,24 +239,33 @@ def test_resume_continues_exactly(tmp_path, negatives):
         assert (a["model"]["bank.vectors"] != init).any(dim=1).sum() == 96
 
 
-@needs_cifar
-def test_short_cpu_run_learns_on_real_images(tmp_path):
-    """kNN top-1 on CIFAR-10 JPEGs after a short run is clearly above the same encoder at random init. The ring is
-    annealed over the first epoch, so the second trains on the 90-99 ring itself. Measured on the 2-core CPU:
-    30.9% -> 37.9% in 75 s."""
-    args = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "2",
-            "--batch-size", "128", "--moco-k", "1024", "--epochs", "2", "--max-steps", "300", "--anneal-epochs", "1",
-            "--knn-every", "0", "--knn-bank-size", "4000", "--knn-test-size", "1000", "--out-dir", str(tmp_path)]
-    cfg = common.parse_config(moco_ring.Config, args)
+LEARNING_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "2",
+                "--batch-size", "128", "--moco-k", "1024", "--epochs", "2", "--max-steps", "300", "--anneal-epochs",
+                "1", "--knn-every", "0", "--knn-bank-size", "4000", "--knn-test-size", "1000"]
+
+
+@pytest.fixture(scope="module")
+def untrained_knn():
+    """kNN top-1 of the encoder the learning run starts from (seed 0)."""
+    cfg = moco_ring.parse_config(LEARNING_RUN)
     data = common.load_image_data(cfg.dataset, cfg.data_root)
     common.seed_everything(cfg.seed)
     untrained = moco_ring.MoCoRing(cfg, bn_splits=8)
     monitor = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, 200, 0.1, 2, torch.device("cpu"))
-    before = monitor(untrained.encoder_q.backbone)
-    moco_ring.main(args)
+    return monitor(untrained.encoder_q.backbone)
+
+
+@needs_cifar
+def test_short_cpu_run_learns_on_real_images(tmp_path, untrained_knn):
+    """kNN top-1 on CIFAR-10 JPEGs after a short run is clearly above the same encoder at random init. The ring is
+    annealed over the first epoch, so the second trains on the 90-99 ring itself: w_l 0 -> 90 with w_u at 99 (the
+    text of Sec. 4), the setting measured on the idle 2-core CPU: 30.9% -> 37.9% in 75 s. (The default since, the
+    public code's [0, 90] -> [90, 99], has not been measured at this budget.) IRing has no such test: its first
+    epoch contrasts random bank entries, and 300 steps leave it below random init (README, IRing table)."""
+    moco_ring.main([*LEARNING_RUN, "--no-anneal-upper", "--out-dir", str(tmp_path)])
     after = read_metrics(tmp_path)[-1]["knn_top1"]
-    print(f"kNN top-1: random init {before:.1f}%, after 300 steps {after:.1f}%")
-    assert after > before + 5.0
+    print(f"kNN top-1: random init {untrained_knn:.1f}%, after 300 steps {after:.1f}%")
+    assert after > untrained_knn + 5.0
 
 
 @pytest.mark.parametrize("args,message", [
