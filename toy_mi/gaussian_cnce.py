@@ -45,7 +45,7 @@ The bound (why CNCE at high w cannot be positive for a critic that ranks its rin
 
 Command (CPU only; a toy this small gains nothing from a GPU, so the script never looks for one):
     python toy_mi/gaussian_cnce.py --json table5.json --plot figures/gaussian_cnce.png    # both protocols, 5 seeds
-    python toy_mi/gaussian_cnce.py --protocol shared     # App. B as written only (about 20 s on an idle 2-core CPU)
+    python toy_mi/gaussian_cnce.py --protocol shared     # App. B as written only (30 s of CPU, 67 s wall at load 8.5)
     python toy_mi/gaussian_cnce.py --help                # every flag, with its default, from the Config block below
 
 Measured (the first command above: both protocols, 5 seeds, all defaults; 2-core AMD EPYC CPU (no GPU), torch
