@@ -249,16 +249,16 @@ class Config:
     negatives: str = option("queue", "where the ring's negatives come from: 'queue' MoCoRing (Alg. 1, momentum "
                                      "encoder, FIFO queue); 'bank' IRing (Eq. 3, one encoder, a memory bank of one "
                                      "embedding per training image)", choices=("queue", "bank"))
-    moco_k: int = option(4096, "queue size K", check=common.at_least(1))
-    moco_m: float = option(0.99, "momentum m of the key encoder", check=common.between(0.0, 1.0))
-    moco_t: float = option(0.1, "softmax temperature t", check=common.greater_than(0.0))
+    moco_k: int = option(4096, "queue size K", check=at_least(1))
+    moco_m: float = option(0.99, "momentum m of the key encoder", check=between(0.0, 1.0))
+    moco_t: float = option(0.1, "softmax temperature t", check=POSITIVE)
     symmetric: bool = option(False, "symmetric loss of MoCo's CIFAR demo: each view is query once and key once, "
                                     "loss_12 + loss_21 (the demo's sum, not the mean: the gradient is the demo's)")
     bank_negatives: int = option(4096, "IRing: negatives k drawn per query from the ring, with replacement "
-                                       "(Eq. 3; the public code draws 4095 plus the positive)", check=common.at_least(1))
+                                       "(Eq. 3; the public code draws 4095 plus the positive)", check=at_least(1))
     bank_m: float = option(0.0, "IRing: memory-bank momentum, M[i] <- norm(m M[i] + (1-m) v_i); 0 keeps the "
                                 "last epoch's view (Sec. 2, public code); Wu et al. 2018 use 0.5",
-                           check=common.between(0.0, 1.0, include_high=False))
+                           check=between(0.0, 1.0, include_high=False))
     # Ring (Section 4)
     ring_lower: float = option(90.0, "lower percentile w_l of the ring in [0, 100] (the annealing's target)",
                                check=between(0, 100))
@@ -270,18 +270,18 @@ class Config:
     anneal_upper: bool = option(True, "anneal w_u with w_l (Alg. 1's anneal(w_u); the public code's dynamic inner "
                                       "cut: [0, 90] -> [90, 99]); --no-anneal-upper keeps w_u at --ring-upper")
     anneal_epochs: int = option(100, "epochs over which the ring narrows to its targets (Appendix E: 100)",
-                                check=common.at_least(0))
+                                check=NON_NEGATIVE)
     # optimization
     recipe: str = option("demo", "defaults: 'demo' MoCo's CIFAR-10 demo (below); 'paper' the Ring paper's "
                                  "(t 0.07, lr 0.03, wd 1e-4, batch 256, 300 epochs, lr drops 200 250, K 65536, "
                                  "m 0.999); flags given explicitly win", choices=("demo", "paper"))
-    epochs: int = option(200, "training epochs", check=common.at_least(1))
-    batch_size: int = option(512, "global batch size (split evenly over processes)", check=common.at_least(1))
-    lr: float = option(0.06, "SGD learning rate", check=common.greater_than(0.0))
+    epochs: int = option(200, "training epochs", check=at_least(1))
+    batch_size: int = option(512, "global batch size (split evenly over processes)", check=at_least(1))
+    lr: float = option(0.06, "SGD learning rate", check=POSITIVE)
     lr_drops: tuple[int, ...] = option((), "epochs at which the lr is divided by 10 (the paper: 200 250); none: "
-                                           "cosine decay to 0 (MoCo's CIFAR demo)", check=common.each(common.at_least(1)))
+                                           "cosine decay to 0 (MoCo's CIFAR demo)", check=common.each(at_least(1)))
     momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
-    weight_decay: float = option(5e-4, "SGD weight decay", check=common.at_least(0.0))
+    weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
