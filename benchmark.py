@@ -382,9 +382,9 @@ def data_main(argv: list[str]) -> None:
     parser.add_argument("--augment-images", type=int, default=256, help="images in the one-thread augment timing")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "queue", "steps", "windows", "augment_images"):
-        if getattr(args, flag) < 1:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
+    for flag in ("batch_size", "queue", "steps", "windows", "augment_images", "workers"):
+        if getattr(args, flag) < (0 if flag == "workers" else 1):
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= {0 if flag == 'workers' else 1}")
     device = common.init_distributed()
     torch.backends.cudnn.benchmark = True
     data, source = image_data(args.data_root, 32)
@@ -448,6 +448,9 @@ def gpu_main(argv: list[str]) -> None:
     parser.add_argument("--torchrun-timeout", type=int, default=240, help="seconds allowed to the torchrun smoke")
     parser.add_argument("--json", default="gpu_benchmark.json", help="where to write the figures")
     args = parser.parse_args(argv)
+    for flag in ("steps", "torchrun_timeout"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
     device = common.init_distributed()
     torch.backends.cudnn.benchmark = True
     tic = time.perf_counter()
