@@ -285,11 +285,14 @@ class Config:
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt to continue from (same config)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
                             check=NON_NEGATIVE)
     log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
     knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
     knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
     knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
     knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     # broadcast_buffers=False: the queue is identical on every rank by construction, no need to send it each step.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume))
+    run = common.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume), step=step)
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
@@ -491,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
+    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -500,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
             stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
                                total_steps, index.to(device))
             step += 1
-            common.check_finite(stats["loss"], step)
+            run.check_finite(stats["loss"], step)
             images += cfg.batch_size
             progress.update()
             progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}",
@@ -508,9 +512,10 @@ def main(argv: list[str] | None = None) -> None:
             if step % cfg.log_every == 0:
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
-            if step == last_step:
+            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
         epoch_done = step % steps_per_epoch == 0
+        common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder_q.backbone)
             if common.is_main():
@@ -518,9 +523,11 @@ def main(argv: list[str] | None = None) -> None:
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
         common.save_checkpoint(run.checkpoint_path, "moco_ring", config, step, model, {"encoder": optimizer},
                                model.encoder_q.backbone)
+        timer.saved()
+        timer.stop_if_signalled(step, run.checkpoint_path)
     progress.close()
+    timer.close()
 
 
 if __name__ == "__main__":
-    main()
-    common.shutdown_distributed()
+    common.run_main(main)
