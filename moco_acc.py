@@ -533,9 +533,12 @@ class Config:
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)", check=NON_NEGATIVE)
     out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt to continue from (same config)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
     log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
     knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)",
                             check=NON_NEGATIVE)
     knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
@@ -908,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
     # broadcast_buffers=False: dictionaries and pools are identical on every rank by construction.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume))
+    run = common.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
@@ -923,6 +926,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in MODALITIES:
             model.dictionary[m].enqueue(keys[m], ids)
 
+    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -941,16 +945,17 @@ def main(argv: list[str] | None = None) -> None:
             stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, batch_ids,
                                step)
             step += 1
-            common.check_finite(stats["loss"], step)
+            run.check_finite(stats["loss"], step)
             pairs += cfg.batch_size
             progress.update()
             progress.set_postfix(loss=f"{stats['loss']:.3f}", sample_ms=f"{1000 * stats['time_sample_s']:.0f}")
             if step % cfg.log_every == 0:
                 run.log({"step": step, "epoch": epoch, **stats, "pairs_per_s": pairs / (time.perf_counter() - tic)})
                 tic, pairs = time.perf_counter(), 0
-            if step == last_step:
+            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
         epoch_done = step % steps_per_epoch == 0
+        common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model)
             if top1:
@@ -959,9 +964,11 @@ def main(argv: list[str] | None = None) -> None:
                                ", ".join(f"{m[-1]} {v:.2f}%" for m, v in top1.items()))
         common.save_checkpoint(run.checkpoint_path, "moco_acc", config, step, model, {"encoder": optimizer},
                                model.backbones())
+        timer.saved()
+        timer.stop_if_signalled(step, run.checkpoint_path)
     progress.close()
+    timer.close()
 
 
 if __name__ == "__main__":
-    main()
-    common.shutdown_distributed()
+    common.run_main(main)
