@@ -1077,11 +1077,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_finite(loss_value: float, step: int) -> None:  # TEMPORARY until every loop calls RunDir.check_finite
-    if not math.isfinite(loss_value):
-        fail(f"loss is {loss_value} at step {step}; the run diverged (try a lower --lr); last checkpoint kept")
-
-
 class CheckpointTimer:
     """When a training loop should stop to save: every `minutes` of wall time, and at once after SIGTERM or SIGINT
     (a preempted job, Ctrl-C). The loop breaks out of its epoch when `due()` says so; the code after the epoch then
