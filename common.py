@@ -1184,9 +1184,10 @@ class RunDir:
         if math.isfinite(loss):
             return
         suspects = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in self.config.items()
-                             if name in ("lr", "temperature", "tau") or name.endswith(("_lr", "_t")))
-        saved = (f"the last checkpoint is kept in {self.checkpoint_path}; re-running resumes from it"
-                 if self.checkpoint_path.exists() else "no checkpoint had been written yet")
+                             if (name in ("lr", "temperature", "tau") or name.endswith(("_lr", "_t")))
+                             and not name.startswith("knn_"))  # the kNN monitor's temperature is not trained with
+        saved = (f"The last checkpoint is kept in {self.checkpoint_path}; re-running resumes from it"
+                 if self.checkpoint_path.exists() else "No checkpoint had been written yet")
         fail(f"the loss is {loss} at step {step}: training diverged. Usual causes: a learning rate too high or a "
              f"temperature too small ({suspects}). {saved}")
 

@@ -175,3 +175,12 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, content):
                         "--knn-bank-size", "8", "--knn-test-size", "8", "--out-dir", str(tmp_path / "run"), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {bad}")
+
+
+def test_a_diverged_run_names_its_likely_causes_and_what_was_saved(tmp_path):
+    result = run_script(*[a if a != "60" else "30" for a in TAXONOMY], "--lr", "1e30", "--checkpoint-minutes", "0",
+                        "--out-dir", str(tmp_path), check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last.startswith("error: the loss is ") and "--lr 1e+30" in last and "--moco-t 0.1" in last, last
+    assert "No checkpoint had been written yet" in last and not (tmp_path / "checkpoint.pt").exists()
