@@ -48,7 +48,7 @@ Where the paper, its public code and this script differ:
   measured spread of both readings is under Results.
 - Eq. (4) has no temperature; I follow it (the loss of Eq. (6) uses tau).
 - Neither the paper nor its code keeps a query's own partner out of its negatives. Here the dictionaries track
-  dataset ids: the mini-batch's items are never candidates (line 12 reads U \ (D u B)), and a dictionary entry with
+  dataset ids: the mini-batch's items are never candidates (line 12 reads U minus (D u B)), and a dictionary entry with
   the query's id is masked out of its denominator (contrastive_loss). Before this, 12-13% of the queries on
   avmnist (K 512, 4000 pairs) met their own partner among the actively sampled negatives, about K / |data|,
   while XMoCo's queue almost never held it; the logs count it as own_partner_v / own_partner_a.
