@@ -348,6 +348,30 @@ def augment_ms_per_image(data: common.ImageData, images: int, windows: int) -> d
     return {path: {kind: statistics.median(values) for kind, values in t.items()} for path, t in times.items()}
 
 
+def seeding_us_per_sample(calls: int = 2000) -> dict[str, float]:
+    """Issue 17: what seeding one sample costs in a loader worker, before (torch.random.fork_rng + manual_seed, which
+    also queues lazy seeding of every accelerator backend and formats a stack trace) and after (common.seeded_cpu_rng,
+    the CPU generator alone). Microseconds per call, this thread's CPU time, best of 5 rounds."""
+    def forked(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+
+    def cpu_only(seed):
+        with common.seeded_cpu_rng(seed):
+            pass
+
+    best = {}
+    for name, seed_once in (("fork_rng", forked), ("seeded_cpu_rng", cpu_only)):
+        rounds = []
+        for _ in range(5):
+            tic = time.thread_time()
+            for seed in range(calls):
+                seed_once(seed)
+            rounds.append(1e6 * (time.thread_time() - tic) / calls)
+        best[name] = min(rounds)
+    return best
+
+
 def end_to_end_rates(step: Callable, batches: dict, views: list[torch.Tensor], device: torch.device,
                      steps: int, windows: int) -> dict[str, float]:
     """Training images/s with the data path included, for each path, beside the step alone on a fixed batch
@@ -394,6 +418,9 @@ def data_main(argv: list[str]) -> None:
     for path, t in augment.items():
         print(f"  {path:<7} {t['wall']:8.4f} | {t['cpu_time']:8.4f}")
     print(f"  device path {augment['cpu']['cpu_time'] / augment['device']['cpu_time']:.1f}x faster (CPU time)")
+    seeding = seeding_us_per_sample()
+    print(f"per-sample seeding in the PIL path (issue 17, us per sample, CPU time): torch.random.fork_rng + "
+          f"manual_seed {seeding['fork_rng']:.1f}, common.seeded_cpu_rng {seeding['seeded_cpu_rng']:.1f}")
     batches, decode_s = data_loaders(data, args.batch_size, args.workers, device)
     step = moco_v2_step(args.arch, args.batch_size, args.queue, device)
     views = synthetic_views(args.batch_size, data.image_size, device)
@@ -405,7 +432,7 @@ def data_main(argv: list[str]) -> None:
     report = {"augment_ms_per_image": {path: t["cpu_time"] for path, t in augment.items()},
               "augment_wall_ms_per_image": {path: t["wall"] for path, t in augment.items()},
               "end_to_end_images_per_s": {path: rates[path] for path in common.AUGMENT_CHOICES},
-              "step_only_images_per_s": rates["step only"]}
+              "step_only_images_per_s": rates["step only"], "seeding_us_per_sample": seeding}
     if device.type == "cuda":
         report["bare_encoder_images_per_s"] = bare_encoder_rate(args.arch, "cifar", views, args.steps)
         print(f"  {'bare encoder fwd+bwd x2 views (ceiling)':<40} {report['bare_encoder_images_per_s']:9.1f}")
