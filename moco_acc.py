@@ -110,6 +110,12 @@ one run each, seed 0. avmnist, 150 steps (125 per epoch):
   of the same encoders: active 6.89 +- 0.05 (+7.6 SE), feature 6.87 +- 0.05, OHEM 5.93 +- 0.06. At random init:
   active 6.66 +- 0.05 (+2.8 SE), feature 6.58 +- 0.05, OHEM 4.97 +- 0.11. (The 60 draws used before had SE 0.13:
   7.05 here and 6.68 on another CPU were within 2 SE of each other.)
+  Eq. (5)'s two readings (the class-coverage test's encoders and pool, 100 steps of 10 queries per modality =
+  200 draws, OMP_NUM_THREADS=1), spread of the gradient-embedding norms over the 1000 candidates (std / mean,
+  max / min, averaged over draws) and classes among the k-means++ picks: trained encoders (mean max p of Eq. 4
+  0.18 at M 10): --eq5 query 0.022, 1.13, 6.98 +- 0.07 classes; --eq5 layer 0.22, 3.05, 6.89 +- 0.07. Random
+  init (max p 0.11): query 0.002, 1.01, 6.67 +- 0.07; layer 0.056, 1.34, 6.59 +- 0.07. The literal reading's norms
+  vary ten times more (the uncertainty half of BADGE is present), yet both pick as many classes, within noise.
   Own partners among the negatives (logged own_partner_v, Spatial-MultiOmniglot --preset cpu, K 1024, 5,000 pairs,
   now masked out of the loss): CM-ACC 18-21% of queries (K / |data| = 20%), XMoCo 1.4% (the initial random
   dictionary, until the queue turns over), SMoCo 0.6%.
