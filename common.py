@@ -1358,10 +1358,17 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out-dir of a run (holds metrics.jsonl)")
     parser.add_argument("--out", default="curves.png", help="image to write (the extension picks the format)")
+    parser.add_argument("--only", nargs="+", metavar="QUANTITY", default=None,
+                        help="draw these quantities only, in this order (default: every one logged)")
     args = parser.parse_args(argv)
     # The runs are read first, so a bad directory gets its own error whether or not matplotlib is installed.
     curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
     quantities = plot_quantities(curves)
+    if args.only:
+        missing = [key for key in args.only if key not in quantities]
+        if missing:
+            fail(f"no run logged {', '.join(missing)} (logged: {', '.join(quantities)})")
+        quantities = args.only
     if not quantities:
         fail("nothing to plot: the runs' metrics.jsonl hold no quantity but " + ", ".join(BOOKKEEPING_KEYS))
     try:

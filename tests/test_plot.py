@@ -57,3 +57,13 @@ def test_plot_without_matplotlib_says_so(two_runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(SystemExit, match="^error: python common.py plot needs matplotlib"):
         common.plot_main([str(two_runs[0])])
+
+
+def test_plot_only_draws_the_quantities_asked_for(two_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "some.png"
+    result = run_script("common.py", "plot", *map(str, two_runs), "--only", "knn_top1", "loss", "--out", str(out))
+    assert result.stdout.strip() == f"wrote {out}: knn_top1, loss for 2 run(s)"
+    result = run_script("common.py", "plot", str(two_runs[0]), "--only", "no_such_thing", "--out", str(out),
+                        check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: no run logged no_such_thing")
