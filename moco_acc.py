@@ -395,8 +395,11 @@ def load_avmnist(cfg: Config) -> PairData:
     npz, wav_dir = root / "mnist5k" / "mnist_5k.npz", root / "fsdd" / "recordings"
     if not npz.is_file() or not wav_dir.is_dir():
         common.fail(f"--data-root {cfg.data_root}: avmnist needs mnist5k/mnist_5k.npz and fsdd/recordings/ in it")
-    with np.load(npz) as arrays:
-        images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long()
+    try:
+        with np.load(npz) as arrays:
+            images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long()
+    except (OSError, ValueError, KeyError) as e:  # not an npz, a pickle, or missing arrays
+        common.fail(f"cannot read {npz} as MNIST arrays 'images' and 'labels' ({str(e).splitlines()[0][:100]})")
     train_rows, test_rows = [], []
     for d in range(10):
         rows = (labels == d).nonzero().squeeze(1)

@@ -211,6 +211,9 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path, negatives):
     saved = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two")]
     state = "queue.keys" if negatives == "queue" else "bank.vectors"
     torch.testing.assert_close(saved[0]["model"][state], saved[1]["model"][state], atol=1e-5, rtol=0)
+    for name, value in saved[0]["model"].items():  # BN statistics: averaged over the ranks before saving
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, saved[1]["model"][name], atol=1e-5, rtol=1e-4, msg=name)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["world_size"] == 2 and config["config"]["stem"] == "cifar"
 

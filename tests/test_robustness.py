@@ -184,3 +184,26 @@ def test_a_diverged_run_names_its_likely_causes_and_what_was_saved(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert last.startswith("error: the loss is ") and "--lr 1e+30" in last and "--moco-t 0.1" in last, last
     assert "No checkpoint had been written yet" in last and not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda d: (d / "train").mkdir() or (d / "test").mkdir(), "Couldn't find any class folder"),
+])
+def test_a_folder_dataset_without_class_folders_gets_one_line(tmp_path, make_bad, message):
+    import moco_ring
+
+    make_bad(tmp_path)
+    with pytest.raises(SystemExit, match=f"^error: --data-root {tmp_path}: {message}"):
+        moco_ring.main(["--dataset", "folder", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_avmnist_npz_gets_one_line(tmp_path):
+    import moco_acc
+
+    (tmp_path / "mnist5k").mkdir()
+    (tmp_path / "mnist5k" / "mnist_5k.npz").write_text("garbage")
+    (tmp_path / "fsdd" / "recordings").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*mnist_5k.npz as MNIST arrays"):
+        moco_acc.main(["--data-root", str(tmp_path), "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
