@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import typing
 
