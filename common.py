@@ -786,6 +786,8 @@ class StepMetrics:
         self.bad_loss = torch.where(first, loss, self.bad_loss)
 
     def pop(self, on_nonfinite: Callable[[float, int], Any]) -> dict:
+        if self.bad_step is None:  # nothing added since the last pop
+            return {}
         on_device = [name for name, value in self.latest.items() if torch.is_tensor(value)]
         values = torch.stack([self.latest[name].detach().double().reshape(()) for name in on_device] +
                              [self.bad_step, self.bad_loss]).tolist()  # the one host sync
@@ -957,12 +959,379 @@ def evenly_spaced_subset(dataset, size: int):
     return torch.utils.data.Subset(dataset, evenly_spaced_indices(len(dataset), size).tolist())
 
 
-def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None) -> torch.utils.data.DataLoader:
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None,
+                persistent: bool = False) -> torch.utils.data.DataLoader:
+    """`persistent`: keep the worker processes across epochs (the training loader: no restart cost per epoch)."""
     # A private generator: creating an iterator must not draw from the global RNG, or a resumed run (which creates
     # one mid-epoch) would drift from an uninterrupted one. Randomness comes from EpochSampler's seeds instead.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                                        num_workers=workers, pin_memory=device.type == "cuda",
-                                       generator=torch.Generator(), drop_last=False)
+                                       generator=torch.Generator(), drop_last=False,
+                                       persistent_workers=persistent and workers > 0)
+
+
+def pretrain_batches(data: ImageData, augment: str, sampler: EpochSampler, num_views: int, batch_size: int,
+                     workers: int, device: torch.device, yield_index: bool = False):
+    """The training batches of an image script: per step (views, labels), or (views, training indices) with
+    `yield_index` (IRing's bank); views: `num_views` tensors NxCxSxS, augmented by the MoCo v2 / SimCLR recipe with
+    the seeds `sampler` hands out. --augment device (when the images fit, augment_path): decoded once into memory
+    on `device` and augmented there in batches (DeviceViewLoader); cpu: PIL in `workers` loader processes. Both
+    paths draw the same distribution of views; a resumed run and N processes see the views one process would."""
+    if augment_path(augment, data.pretrain, device) == "device":
+        return DeviceViewLoader(load_into_memory(data.pretrain, device, workers),
+                                DeviceAugment(data.image_size, data.mean, data.std), num_views, sampler, batch_size,
+                                yield_index)
+    transform = pretrain_transform(data.image_size, data.mean, data.std)
+    images = _WithIndex(data.pretrain) if yield_index else data.pretrain
+    return make_loader(AugmentedViews(images, MultiView([transform] * num_views)), batch_size, workers, device,
+                       sampler, persistent=True)
+
+
+class _WithIndex(torch.utils.data.Dataset):
+    """(image, label) -> (image, index): AugmentedViews hands the second item through, so the loader yields (views,
+    index). Pretraining never reads the label."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        return self.base[index][0], index
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio and video encoders (CM-ACC's modalities): moco_acc.py builds one per modality from its PairData.kinds
+# ---------------------------------------------------------------------------------------------------------------------
+def split_batchnorm(net: nn.Module, splits: int) -> nn.Module:
+    """Replace every BatchNorm of a freshly built network by SplitBatchNorm (nothing to do for one split)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and splits > 1:
+            setattr(net, name, SplitBatchNorm(child.num_features, splits))
+        else:
+            split_batchnorm(child, splits)
+    return net
+
+
+class BasicBlock1d(nn.Module):
+    def __init__(self, width_in: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(width_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.conv2 = nn.Conv1d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(width)
+        self.shortcut = nn.Identity() if stride == 1 and width_in == width else nn.Sequential(
+            nn.Conv1d(width_in, width, 1, stride, bias=False), nn.BatchNorm1d(width))
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class AudioResNet18(nn.Module):
+    """ResNet-18 with 1D kernels (Section 5): the mel bands are input channels, convolutions run along time."""
+
+    def __init__(self, bands: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(bands, 64, 7, 2, 3, bias=False), nn.BatchNorm1d(64), nn.ReLU(inplace=True))
+        blocks, width_in = [], 64
+        for stage, width in enumerate((64, 128, 256, 512)):
+            for block in range(2):
+                blocks.append(BasicBlock1d(width_in, width, 2 if stage > 0 and block == 0 else 1))
+                width_in = width
+        self.blocks = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.out_dim = 512
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def small_cnn(conv: type, norm: type, pool: nn.Module, channels: int, widths=(32, 64, 128)) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (stride 2 after the first) and global average pooling, for CPU runs."""
+    layers, width_in = [], channels
+    for i, width in enumerate(widths):
+        layers += [conv(width_in, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm(width),
+                   nn.ReLU(inplace=True)]
+        width_in = width
+    net = nn.Sequential(*layers, pool, nn.Flatten())
+    net.out_dim = widths[-1]
+    return net
+
+
+def build_modality_backbone(kind: str, arch: str, in_channels: int, bn_splits: int) -> nn.Module:
+    """The encoder of one modality of a pair (kind: 'image', 'audio' or 'video'), `.out_dim` = feature size."""
+    if kind == "image":
+        net = build_backbone(arch, "cifar")  # image pairs here are small (28-96 px): 3x3 stem, no max-pool
+    elif kind == "audio":
+        net = (AudioResNet18(in_channels) if arch == "resnet18" else
+               small_cnn(nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d(1), in_channels, (64, 128, 128)))
+    elif arch == "resnet18":  # video
+        import torchvision
+
+        net = torchvision.models.video.r3d_18(weights=None)
+        net.out_dim, net.fc = net.fc.in_features, nn.Identity()
+    else:
+        net = small_cnn(nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d(1), in_channels)
+    return split_batchnorm(net, bn_splits)
+
+
+class Branch(nn.Module):
+    """backbone (what is evaluated and exported) + projection head."""
+
+    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = projection_head(backbone.out_dim, dim, mlp)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio-visual data (CM-ACC's pairs). A paired dataset is a loader function cfg -> PairData, registered in
+# moco_acc.DATASETS; cfg is moco_acc.Config (data_root, mel_bands; avfolder also fps, clip_frames, clip_stride,
+# frame_size).
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PairData:
+    """Everything the training loop knows about a paired dataset.
+
+    train: indexed by (index, seed), the pairs EpochSampler yields, and returns
+        ([v_query, v_key], [a_query, a_key], label_v, label_a): two augmented views of each modality of item
+        `index`, every random choice a function of `seed` (exact resume). Labels are ints, -1 where unknown; they
+        are only counted in the logs, never used for training.
+    kinds: encoder family of (v, a): 'video' (3xTxHxW clips), 'audio' (bands x frames log-mel), 'image' (3xHxW).
+    in_channels: input channels of (v, a) (mel bands for audio, 3 otherwise).
+    num_classes: label classes (0 when unlabelled).
+    knn: {modality: (bank, test)} datasets of (input, label) with evaluation transforms, for the kNN monitor.
+    An image-pair dataset (x, y) plugs in with kinds ('image', 'image').
+    """
+    train: torch.utils.data.Dataset
+    kinds: tuple[str, str]
+    in_channels: tuple[int, int]
+    num_classes: int
+    knn: dict
+
+
+def read_wav(path, start: int = 0, count: int | None = None) -> tuple[torch.Tensor, int]:
+    """Mono waveform in [-1, 1) of a 16-bit PCM wav, frames [start, start + count), and its sample rate. Python's
+    wave module: from torchaudio 2.9 on, torchaudio.load needs torchcodec, which may not be installed."""
+    import wave
+
+    with wave.open(str(path)) as w:
+        if w.getsampwidth() != 2:
+            fail(f"{path}: {8 * w.getsampwidth()}-bit audio; convert it to 16-bit PCM (ffmpeg -c:a pcm_s16le)")
+        w.setpos(min(start, w.getnframes()))
+        raw = w.readframes(w.getnframes() - start if count is None else count)
+        channels, rate = w.getnchannels(), w.getframerate()
+    audio = torch.frombuffer(bytearray(raw), dtype=torch.int16).float() if raw else torch.zeros(0)
+    return audio.view(-1, channels).mean(1) / 32768.0, rate
+
+
+class LogMel:
+    """80-band log-mel spectrogram (Appendix A), 25 ms windows every 10 ms, LibROSA's Slaney filterbank and 80 dB
+    dynamic range, standardized per clip. Returns bands x frames: the bands are the channels of the audio encoder's
+    1D convolutions."""
+
+    def __init__(self, bands: int):
+        self.bands, self.transforms = bands, {}
+
+    def __call__(self, audio: torch.Tensor, rate: int) -> torch.Tensor:
+        import torchaudio
+
+        if rate not in self.transforms:
+            window = int(0.025 * rate)
+            self.transforms[rate] = torchaudio.transforms.MelSpectrogram(
+                rate, n_fft=2 ** math.ceil(math.log2(2 * window)), win_length=window, hop_length=rate // 100,
+                n_mels=self.bands, norm="slaney", mel_scale="slaney")
+        db = 10 * self.transforms[rate](audio).clamp_min(1e-10).log10()  # mel power in dB: bands x frames
+        db = db.clamp_min(db.max() - 80.0)  # LibROSA's power_to_db(top_db=80): silence and padding sit at the floor
+        return (db - db.mean()) / (db.std() + 1e-5)
+
+
+def mask_spectrogram(mel: torch.Tensor, max_bands: int = 8, max_fraction: float = 0.1) -> torch.Tensor:
+    """One band mask and one time mask (SpecAugment), drawn from torch's RNG (seeded per item by the dataset)."""
+    bands, frames = mel.shape
+    out = mel.clone()
+    width = int(torch.randint(0, max_bands + 1, ()))
+    start = int(torch.randint(0, bands - width + 1, ()))
+    out[start:start + width] = 0.0
+    width = int(torch.randint(0, int(max_fraction * frames) + 1, ()))
+    start = int(torch.randint(0, frames - width + 1, ()))
+    out[:, start:start + width] = 0.0
+    return out
+
+
+def fixed_length(audio: torch.Tensor, length: int, random_offset: bool) -> torch.Tensor:
+    """Crop or zero-pad a waveform to `length` samples, at a random offset (a time shift) or centered."""
+    excess = audio.shape[0] - length
+    offset = int(torch.randint(0, abs(excess) + 1, ())) if random_offset else abs(excess) // 2
+    if excess >= 0:
+        return audio[offset:offset + length]
+    return F.pad(audio, (offset, -excess - offset))
+
+
+class DigitPairs(torch.utils.data.Dataset):
+    """avmnist: item i is MNIST image i (digit d) with a fixed spoken recording of digit d (FSDD, 1 s at 8 kHz).
+    mode 'train': (index, seed) -> two views of each; 'image' / 'audio': index -> (evaluation input, digit)."""
+
+    MEAN, STD = 0.1307, 0.3081
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recordings: list[Path], mode: str, bands: int):
+        self.images, self.labels, self.recordings, self.mode = images, labels, recordings, mode
+        self.mel = LogMel(bands)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def image(self, i: int, augment: bool) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        x = self.images[i].float().div(255).unsqueeze(0)  # 1x28x28
+        if augment:
+            x = v2.RandomResizedCrop(28, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)(x)
+        return ((x - self.MEAN) / self.STD).expand(3, -1, -1)  # 3x28x28 for the RGB image encoders
+
+    def audio(self, i: int, augment: bool) -> torch.Tensor:
+        wav, rate = read_wav(self.recordings[i])
+        mel = self.mel(fixed_length(wav, rate, augment), rate)  # bands x 101
+        return mask_spectrogram(mel) if augment else mel
+
+    def __getitem__(self, item):
+        if self.mode == "image":
+            return self.image(item, False), int(self.labels[item])
+        if self.mode == "audio":
+            return self.audio(item, False), int(self.labels[item])
+        index, seed = item
+        with seeded_cpu_rng(seed):
+            views_v = [self.image(index, True) for _ in range(2)]
+            views_a = [self.audio(index, True) for _ in range(2)]
+        label = int(self.labels[index])
+        return views_v, views_a, label, label
+
+
+def load_avmnist(cfg: Any) -> PairData:
+    """MNIST (500 per digit: 400 train, 100 test) with FSDD (recordings 0-4 of each speaker and digit are its
+    standard test split). Training image j of digit d is paired with training recording j mod R_d of digit d."""
+    import numpy as np
+
+    root = Path(cfg.data_root)
+    npz, wav_dir = root / "mnist5k" / "mnist_5k.npz", root / "fsdd" / "recordings"
+    if not npz.is_file() or not wav_dir.is_dir():
+        fail(f"--data-root {cfg.data_root}: avmnist needs mnist5k/mnist_5k.npz and fsdd/recordings/ in it")
+    try:
+        with np.load(npz) as arrays:
+            images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long()
+    except (OSError, ValueError, KeyError) as e:  # not an npz, a pickle, or missing arrays
+        fail(f"cannot read {npz} as MNIST arrays 'images' and 'labels' ({str(e).splitlines()[0][:100]})")
+    train_rows, test_rows = [], []
+    for d in range(10):
+        rows = (labels == d).nonzero().squeeze(1)
+        train_rows.append(rows[:400])
+        test_rows.append(rows[400:])
+    train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
+    wavs = sorted(wav_dir.glob("*.wav"), key=lambda p: (int(p.stem.split("_")[0]), p.stem))
+    splits = {"train": [p for p in wavs if int(p.stem.split("_")[2]) >= 5],
+              "test": [p for p in wavs if int(p.stem.split("_")[2]) < 5]}
+    by_digit = [[p for p in splits["train"] if int(p.stem.split("_")[0]) == d] for d in range(10)]
+    seen = [0] * 10
+    partners = []
+    for d in labels[train_rows].tolist():
+        partners.append(by_digit[d][seen[d] % len(by_digit[d])])
+        seen[d] += 1
+    train = DigitPairs(images[train_rows], labels[train_rows], partners, "train", cfg.mel_bands)
+    knn = {"v": (DigitPairs(images[train_rows], labels[train_rows], [], "image", cfg.mel_bands),
+                 DigitPairs(images[test_rows], labels[test_rows], [], "image", cfg.mel_bands)),
+           "a": tuple(DigitPairs(None, torch.tensor([int(p.stem[0]) for p in splits[s]]), splits[s], "audio",
+                                 cfg.mel_bands) for s in ("train", "test"))}
+    return PairData(train, ("image", "audio"), (3, cfg.mel_bands), 10, knn)
+
+
+class VideoClips(torch.utils.data.Dataset):
+    """avfolder: (index, seed) -> two views of clip `index` ([3xTxSxS] x2) and of its audio segment ([bands x
+    frames] x2), labels -1. The start frame is jittered within the stride (temporal jittering, Appendix A); both
+    views of both modalities share it, so the audio stays aligned with the frames."""
+
+    MEAN, STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)  # Kinetics statistics
+
+    def __init__(self, videos: list[tuple[list[Path], Path]], cfg: Any):
+        import wave
+
+        self.videos, self.cfg = videos, cfg
+        self.items = [(v, s) for v, (frames, _) in enumerate(videos)
+                      for s in range(0, len(frames) - cfg.clip_frames + 1, cfg.clip_stride)]
+        self.rates = []
+        for _, wav_path in videos:
+            with wave.open(str(wav_path)) as w:
+                self.rates.append(w.getframerate())
+        self.mel = LogMel(cfg.mel_bands)
+
+    def __len__(self):
+        return len(self.items)
+
+    def augment(self, frames: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, flip and grayscale with the same parameters for every frame (Appendix A)."""
+        from torchvision.transforms import v2
+
+        size = self.cfg.frame_size
+        clip = v2.Compose([v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                           v2.RandomGrayscale(p=0.2)])(frames).float().div(255)  # Tx3xSxS
+        clip = (clip - torch.tensor(self.MEAN).view(3, 1, 1)) / torch.tensor(self.STD).view(3, 1, 1)
+        return clip.transpose(0, 1).contiguous()  # 3xTxSxS, the layout of torchvision's video models
+
+    def __getitem__(self, index_and_seed):
+        from PIL import Image  # torchvision.io's decoders are deprecated from torchvision 0.29; PIL is everywhere
+        from torchvision.transforms.functional import pil_to_tensor
+
+        index, seed = index_and_seed
+        video, start = self.items[index]
+        frame_paths, wav_path = self.videos[video]
+        cfg = self.cfg
+        with seeded_cpu_rng(seed):
+            start = min(start + int(torch.randint(0, cfg.clip_stride, ())), len(frame_paths) - cfg.clip_frames)
+            frames = torch.stack([pil_to_tensor(Image.open(p).convert("RGB"))
+                                  for p in frame_paths[start:start + cfg.clip_frames]])  # Tx3xHxW uint8
+            views_v = [self.augment(frames) for _ in range(2)]
+            rate = self.rates[video]
+            first, length = round(start / cfg.fps * rate), round(cfg.clip_frames / cfg.fps * rate)
+            audio, rate = read_wav(wav_path, first, length)
+            mel = self.mel(F.pad(audio, (0, length - audio.shape[0])), rate)  # bands x (100 per second)
+            views_a = [mask_spectrogram(mel) for _ in range(2)]
+        return views_v, views_a, -1, -1
+
+
+def load_avfolder(cfg: Any) -> PairData:
+    root = Path(cfg.data_root)
+    folders = (sorted(d for d in root.iterdir() if (d / "frames").is_dir() and (d / "audio.wav").is_file())
+               if root.is_dir() else [])
+    videos = [(sorted((d / "frames").glob("*.jpg")), d / "audio.wav") for d in folders]
+    videos = [v for v in videos if len(v[0]) >= cfg.clip_frames]
+    if not videos:
+        fail(f"--data-root {cfg.data_root}: no <video>/frames/*.jpg + <video>/audio.wav folder with at least "
+             f"{cfg.clip_frames} frames (see the ffmpeg commands in moco_acc.py's docstring)")
+    return PairData(VideoClips(videos, cfg), ("video", "audio"), (3, cfg.mel_bands), 0, {})
+
+
+class PairKnn:
+    """The kNN monitor (knn_accuracy) for every labelled modality of a PairData: bank = training inputs, queries =
+    test inputs (evaluation transforms), backbones[m] = that modality's backbone. Main process only, others wait at
+    a barrier."""
+
+    def __init__(self, data: PairData, cfg: Any, device: torch.device):
+        self.loaders = {m: [make_loader(evenly_spaced_subset(d, n), 256, cfg.workers, device)
+                            for d, n in zip(split, (cfg.knn_bank_size, cfg.knn_test_size))]
+                        for m, split in data.knn.items()}
+        self.num_classes, self.k, self.t, self.device = data.num_classes, cfg.knn_k, cfg.knn_t, device
+
+    def __call__(self, backbones: nn.ModuleDict) -> dict[str, float]:
+        top1 = {}
+        if is_main():
+            for m, (bank, test) in self.loaders.items():
+                top1[f"knn_top1_{m}"] = knn_accuracy(backbones[m], bank, test, self.num_classes, self.device,
+                                                     self.k, self.t)
+        if world_size() > 1:
+            dist.barrier()
+        return top1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1049,17 +1418,29 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # ---------------------------------------------------------------------------------------------------------------------
 # Training conveniences
 # ---------------------------------------------------------------------------------------------------------------------
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; a no-op on CPU (CPU bf16 is slow and changes numerics the tests pin down)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")  # --precision
+SWITCH_CHOICES = ("auto", "on", "off")  # --channels-last
 
 
-def to_device(x, device: torch.device):
-    """Move a batch (tensor or list of tensors) to the device, channels_last on GPU for 4-D images."""
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for --precision bf16, none for fp32; 'auto': bf16 on a GPU, fp32 on a CPU (where bf16 is
+    slower and changes the numerics the equation tests pin down). The losses stay in fp32 either way."""
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def channels_last(setting: str, device: torch.device) -> bool:
+    """--channels-last: 'auto' is on for a GPU (faster convolutions with bf16), off for a CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def to_device(x, device: torch.device, channels_last: bool | None = None):
+    """Move a batch (tensor or list of tensors) to the device; 4-D images in channels_last memory format when
+    asked (None: on a GPU)."""
     if isinstance(x, (list, tuple)):
-        return [to_device(v, device) for v in x]
+        return [to_device(v, device, channels_last) for v in x]
     x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.dim() == 4:
+    if (device.type == "cuda" if channels_last is None else channels_last) and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -1084,12 +1465,15 @@ class CheckpointTimer:
     sampler skips the batches already trained), or `stop_if_signalled` ends the run with one line.
 
     Under torchrun the ranks must agree (their clocks differ, and a signal may reach one rank only): one all-reduce
-    of two flags per step, which at world size one is skipped."""
+    of two flags every DDP_CHECK_EVERY calls (an all-reduce read on the host waits for the GPU: issue 13's "no host
+    sync per step"; every rank calls `due` once per step, so they count alike). At world size one, no collective."""
+
+    DDP_CHECK_EVERY = 10
 
     def __init__(self, minutes: float, device: torch.device):
         self.interval, self.device = minutes * 60.0, device
         self.last_save, self.stopping, self.signal_name = time.monotonic(), False, None
-        self.handlers = {}
+        self.calls, self.handlers = 0, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -1099,6 +1483,9 @@ class CheckpointTimer:
         self.signal_name = signal.Signals(signum).name
 
     def due(self) -> bool:
+        self.calls += 1
+        if world_size() > 1 and self.calls % self.DDP_CHECK_EVERY:
+            return False
         flags = torch.tensor([float(self.signal_name is not None),
                               float(self.interval > 0 and time.monotonic() - self.last_save >= self.interval)])
         if world_size() > 1:

@@ -211,20 +211,6 @@ class MemoryBank(nn.Module):
         self.vectors[index] = F.normalize(mixed, dim=1)
 
 
-class IndexedImages(torch.utils.data.Dataset):
-    """(image, label) -> (image, index). IRing addresses its bank by training index; common.AugmentedViews hands
-    the second item through, so the loader yields (views, index). The label is never used in pretraining."""
-
-    def __init__(self, base: torch.utils.data.Dataset):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        return self.base[index][0], index
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: every field is a flag (`ring_lower` -> `--ring-lower`); help and default live here only
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,6 +222,10 @@ class Config:
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
     image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
     workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
+    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
+                                    "augments each batch on the training device (falls back to cpu when they do "
+                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
+                          choices=common.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -284,12 +274,17 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
+    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
+                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.SWITCH_CHOICES)
     out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
                             check=NON_NEGATIVE)
-    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
     knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
     checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
                                              "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
@@ -409,9 +404,9 @@ class MoCoRing(nn.Module):
 
 def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
                step: int, steps_per_epoch: int, total_steps: int,
-               index: torch.Tensor | None = None) -> dict[str, float]:
+               index: torch.Tensor | None = None) -> dict:
     """One step of Algorithm 1 (or of IRing) at a global step; `index`: the batch's training indices (IRing).
-    Returns what gets logged."""
+    Returns what gets logged, the loss as a device tensor (read on the host only at log steps)."""
     cfg = model.cfg
     lr = learning_rate(step, steps_per_epoch, total_steps, cfg)
     for group in optimizer.param_groups:
@@ -420,7 +415,7 @@ def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Opt
                                  cfg.anneal, cfg.anneal_upper)  # line 12
     # IRing's ring draws: a generator of (seed, step) alone, so a resumed run and every rank draw the same.
     generator = torch.Generator().manual_seed(cfg.seed * 2**32 + step) if cfg.negatives == "bank" else None
-    with common.autocast(views[0].device):
+    with common.autocast(views[0].device, cfg.precision):
         loss, written = ddp_model(views, lower, upper, index, generator)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # line 9
@@ -433,7 +428,7 @@ def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Opt
         common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 10
         # line 11. Every rank enqueues the keys of the whole global batch, so all queues stay identical.
         model.queue.enqueue(common.concat_all_gather(written))
-    return {"loss": common.all_reduce_mean(loss.detach()).item(), "lr": lr, "ring_lower": lower,
+    return {"loss": common.all_reduce_mean(loss.detach()), "lr": lr, "ring_lower": lower,
             "ring_upper": upper}
 
 
@@ -467,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and queue
     model = MoCoRing(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1,
                      bank_size=len(data.pretrain)).to(device)
-    if device.type == "cuda":
+    channels_last = common.channels_last(cfg.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -483,37 +479,37 @@ def main(argv: list[str] | None = None) -> None:
                  if common.world_size() > 1 else model)
     run = common.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume), step=step)
 
-    augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    views = common.MultiView([augment] if cfg.negatives == "bank" else [augment, augment])  # IR: one view
-    loader = common.make_loader(common.AugmentedViews(IndexedImages(data.pretrain), views),
-                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    loader = common.pretrain_batches(data, cfg.augment, sampler, 1 if cfg.negatives == "bank" else 2,  # IR: 1 view
+                                     cfg.batch_size // common.world_size(), cfg.workers, device, yield_index=True)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
+    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
         tic, images = time.perf_counter(), 0
         for views, index in loader:
-            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
-                               total_steps, index.to(device))
+            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device, channels_last), step,
+                               steps_per_epoch, total_steps, index.to(device))
             step += 1
-            run.check_finite(stats["loss"], step)
+            metrics.add(step, stats)
             images += cfg.batch_size
             progress.update()
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}",
-                                 w_u=f"{stats['ring_upper']:.1f}")
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0 or step == last_step:
+                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
+                progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}",
+                                     w_u=f"{stats['ring_upper']:.1f}")
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
             if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
+        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):

@@ -14,7 +14,7 @@ import conftest
 from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script
 
 SMALL_RUN = ["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "32", "--bank-size", "96",
-             "--knn-bank-size", "64", "--knn-test-size", "32"]
+             "--knn-bank-size", "64", "--knn-test-size", "32", "--log-every", "1"]  # every step's loss logged
 
 
 def unit(*shape, seed=0):  # float64: the gradients are compared with hand-written formulas

@@ -21,7 +21,8 @@ from conftest import CIFAR_JPG, ROOT, error_line, needs_cifar, read_metrics, run
 
 INF = float("inf")
 SMALL_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
-             "--batch-size", "32", "--knn-bank-size", "200", "--knn-test-size", "100"]
+             "--batch-size", "32", "--knn-bank-size", "200", "--knn-test-size", "100",
+             "--log-every", "1"]  # every step's loss in metrics.jsonl: the tests compare them
 
 
 def unit(*shape, seed=0, dtype=torch.float64):  # float64 by default: the solver tests compare to exact optima

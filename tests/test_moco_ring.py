@@ -12,7 +12,8 @@ import moco_ring
 from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script, unit
 
 SMALL_RUN = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
-             "--batch-size", "32", "--moco-k", "256", "--knn-bank-size", "200", "--knn-test-size", "100"]
+             "--batch-size", "32", "--moco-k", "256", "--knn-bank-size", "200", "--knn-test-size", "100",
+             "--log-every", "1"]  # every step's loss in metrics.jsonl: the tests compare them
 
 
 
@@ -304,11 +305,15 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--symmetric"], ["--anneal", "step", "--no-mlp"], ["--no-anneal-upper"],
                                    ["--negatives", "bank", "--bank-negatives", "20", "--bank-m", "0.5"],
-                                   ["--recipe", "paper", "--moco-k", "40", "--batch-size", "16", "--lr-drops", "1"]])
+                                   ["--recipe", "paper", "--moco-k", "40", "--batch-size", "16", "--lr-drops", "1"],
+                                   ["--augment", "cpu"],  # the GPU settings, run on the CPU (issue 13):
+                                   ["--precision", "bf16", "--channels-last", "on"],
+                                   ["--negatives", "bank", "--bank-negatives", "20", "--precision", "bf16",
+                                    "--channels-last", "on"]])
 def test_variants_run(tmp_path, flags):
     moco_ring.main(["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "16",
                     "--moco-k", "40", "--max-steps", "3", "--epochs", "1", "--knn-bank-size", "64",
-                    "--knn-test-size", "32", "--out-dir", str(tmp_path), *flags])
+                    "--knn-test-size", "32", "--log-every", "1", "--out-dir", str(tmp_path), *flags])
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)

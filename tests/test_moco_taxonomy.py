@@ -14,7 +14,8 @@ from conftest import error_line, read_metrics, run_script, unit
 
 # A small model on a small synthetic set: every run below takes seconds on one CPU core.
 TINY = ["--synthetic-size", "200", "--frames", "16", "--width", "32", "--dim", "16", "--batch-size", "16",
-        "--moco-k", "64", "--moco-k-dec", "32", "--probe-epochs", "0", "--knn-every", "0"]
+        "--moco-k", "64", "--moco-k-dec", "32", "--probe-epochs", "0", "--knn-every", "0",
+        "--log-every", "1"]  # every step's loss in metrics.jsonl: the tests compare them
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
