@@ -12,8 +12,10 @@ README.md name the command and the machine they came from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -516,8 +518,415 @@ def gpu_main(argv: list[str]) -> None:
     print(f"wrote {args.json} ({report['wall_s']:.0f} s)")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# One protocol, every method (issue 16): `python benchmark.py accuracy`
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    script: str | None  # None: the random-init encoder, nothing trained
+    flags: tuple[str, ...] = ()  # what makes it this method; every other hyper-parameter stays the script's default
+
+
+ACCURACY_METHODS = (
+    Method("random init", None),
+    Method("SimCLR", "mmcl", ("--loss", "simclr")),
+    Method("MMCL-INV", "mmcl", ("--loss", "mmcl", "--solver", "inv")),
+    Method("MMCL-PGD", "mmcl", ("--loss", "mmcl", "--solver", "pgd")),
+    Method("MoCo v2", "moco_ring", ("--ring-lower", "0", "--ring-upper", "100", "--anneal", "none")),
+    Method("MoCoRing", "moco_ring"),
+    Method("IRing", "moco_ring", ("--negatives", "bank")),
+    Method("AdCo", "adco"),
+)
+BASELINES = ("MoCo v2", "SimCLR")  # every method's difference to these is printed with its standard error
+# Defaults given in epochs for the script's default run length (its --epochs default): the protocol moves each to
+# the same fraction of its own, shorter run (scaled_defaults). Every other schedule in the scripts is a function of
+# the fraction of the run done (cosine lr) or has no schedule (MMCL's constant Adam lr, AdCo's bank).
+EPOCH_COUNTED = {"moco_ring": ("anneal_epochs",), "mmcl": ("sigma_milestones",), "adco": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyPreset:
+    """One protocol: the same data, encoder, batch, run length and evaluation for every method."""
+    dataset: str
+    data_root: str
+    arch: str
+    batch_size: int
+    epochs: int
+    seeds: int
+    workers: int
+    max_steps: int = 0  # stop early (plumbing only: the schedules keep --epochs)
+    image_size: int = 0  # 0: the dataset's own
+    eval_bank_size: int = 0  # the evaluation's kNN bank = the probe's training set, evenly spaced (0: all)
+    eval_test_size: int = 0  # test images for kNN and probe (0: all)
+    probe_epochs: int = 100  # common.linear_probe (its default: 100 epochs, lr 0.1)
+    monitor: tuple[str, ...] = ()  # flags of the scripts' own kNN monitor (their logged curve, not the result)
+    augment: str = ""  # --augment for the scripts that have it ("": their default, the device path)
+    sizes: dict = dataclasses.field(default_factory=dict)  # quick only: script -> flags that shrink its buffers
+    note: str = ""
+
+
+ACCURACY_PRESETS = {
+    # Sized on the 2-core CPU (README, "Comparison under one protocol"): 3 seeds x 7 methods in about 45 minutes on
+    # quiet cores, 90 with the cores shared. Batch 128, not 256: MMCL's SVM costs N (2N)^3 per step (INV x0.72 of
+    # SimCLR's step rate at batch 128, x0.33 at 256), which would have taken most of the budget.
+    "cpu": AccuracyPreset("folder", str(CIFAR_JPG), "small", 128, 2, 3, 2,
+                          monitor=("--knn-every", "0", "--knn-bank-size", "2000", "--knn-test-size", "1000"),
+                          note="CPU scale: two epochs of the 20,000 CIFAR-10 JPEGs per method and seed"),
+    # For CI: checks the plumbing (every method trains, resumes, is evaluated and tabulated), not the ranking.
+    "quick": AccuracyPreset("synthetic", "", "small", 32, 1, 1, 0, max_steps=2, image_size=16, eval_bank_size=256,
+                            eval_test_size=128, probe_epochs=5,
+                            monitor=("--knn-every", "0", "--knn-bank-size", "64", "--knn-test-size", "32"),
+                            augment="cpu", sizes={"adco": ("--bank-size", "64")},  # no decode of all 4096 images
+                            note="plumbing only: 2 steps of batch 32 on synthetic 16 px images, tiny evaluation"),
+    # One GPU: ResNet-18 on CIFAR-10 (downloaded into --data-root), the scripts' defaults for 200 epochs.
+    "gpu": AccuracyPreset("cifar10", "./data", "resnet18", 256, 200, 3, 4,
+                          note="ResNet-18, CIFAR-10, 200 epochs (MoCo's CIFAR demo length) for every method"),
+}
+
+
+def scale_epochs(value: int, default_epochs: int, epochs: int) -> int:
+    """An epoch count meant for a run of `default_epochs` epochs, moved to the same fraction of a run of `epochs`
+    epochs and rounded to the nearest epoch (halves up): the scaling rule of the protocol, the same for every
+    script (the scripts count these in whole epochs)."""
+    return math.floor(value * epochs / default_epochs + 0.5)
+
+
+def scaled_defaults(script: str, epochs: int) -> dict[str, dict]:
+    """The flags of `script` whose defaults count epochs, at the protocol's run length: {flag: {'default', 'of',
+    'value'}}, the values read from the script's Config so they never drift from it."""
+    import importlib
+
+    fields = {f.name: f.default for f in dataclasses.fields(importlib.import_module(script).Config)}
+    scaled = {}
+    for name in EPOCH_COUNTED[script]:
+        default = fields[name]
+        if isinstance(default, str):  # a comma-separated list of epochs (mmcl's --sigma-milestones)
+            value = ",".join(str(scale_epochs(int(e), fields["epochs"], epochs)) for e in default.split(","))
+        else:
+            value = scale_epochs(default, fields["epochs"], epochs)
+        scaled["--" + name.replace("_", "-")] = {"default": default, "of": fields["epochs"], "value": value}
+    return scaled
+
+
+def training_command(method: Method, preset: AccuracyPreset, data_root: str, seed: int, run_dir: Path) -> list[str]:
+    """The script's normal command line for one (method, seed) under the protocol."""
+    import importlib
+
+    script = Path(__file__).resolve().parent / f"{method.script}.py"
+    has_augment = "augment" in {f.name for f in dataclasses.fields(importlib.import_module(method.script).Config)}
+    flags = [*method.flags, *preset.sizes.get(method.script, ()),
+             *(("--augment", preset.augment) if preset.augment and has_augment else ()),
+             "--dataset", preset.dataset, "--arch", preset.arch,
+             "--batch-size", str(preset.batch_size), "--epochs", str(preset.epochs), "--seed", str(seed),
+             "--workers", str(preset.workers), *preset.monitor]
+    if data_root:
+        flags += ["--data-root", data_root]
+    if preset.image_size:
+        flags += ["--image-size", str(preset.image_size)]
+    if preset.max_steps:
+        flags += ["--max-steps", str(preset.max_steps)]
+    for flag, scaled in scaled_defaults(method.script, preset.epochs).items():
+        flags += [flag, str(scaled["value"])]
+    return [sys.executable, str(script), *flags, "--out-dir", str(run_dir)]
+
+
+def summary(runs: list[float]) -> dict:
+    """{'mean', 'std' (sample std over seeds; None for one run), 'runs'}."""
+    return {"mean": statistics.fmean(runs), "std": statistics.stdev(runs) if len(runs) > 1 else None,
+            "runs": runs}
+
+
+def difference(runs: list[float], baseline: list[float]) -> dict:
+    """mean(runs) - mean(baseline) with its standard error sqrt(s1^2/n1 + s2^2/n2) (sample variances over seeds;
+    None with fewer than two runs on either side) and whether it exceeds 2 SE."""
+    diff = statistics.fmean(runs) - statistics.fmean(baseline)
+    if len(runs) < 2 or len(baseline) < 2:
+        return {"diff": diff, "se": None, "exceeds_2se": None}
+    se = math.sqrt(statistics.variance(runs) / len(runs) + statistics.variance(baseline) / len(baseline))
+    return {"diff": diff, "se": se, "exceeds_2se": abs(diff) > 2 * se}
+
+
+class EvalData:
+    """The evaluation's images, decoded once into memory (uint8) and normalized batch by batch: the training split
+    is the kNN bank and the probe's training set, the test split is classified. At the dataset's own size the
+    eval transform (resize + centre crop to the same size, to tensor, normalize) is exactly this normalization."""
+
+    def __init__(self, data: common.ImageData, bank_size: int, test_size: int, workers: int):
+        self.num_classes, self.mean, self.std = data.num_classes, data.mean, data.std
+        self.splits = {}
+        for name, dataset, size in (("train", data.memory, bank_size), ("test", data.test, test_size)):
+            memory = common.load_into_memory(common.evenly_spaced_subset(dataset, size), torch.device("cpu"),
+                                             workers)
+            if memory.images.shape[-2:] != (data.image_size, data.image_size):
+                common.fail(f"the {name} images are {tuple(memory.images.shape[-2:])} px, the protocol evaluates at "
+                            f"the dataset's own size ({data.image_size} px)")
+            self.splits[name] = memory
+
+    def batches(self, split: str, device: torch.device, batch_size: int = 512):
+        memory = self.splits[split]
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        for images, labels in zip(memory.images.split(batch_size), memory.labels.split(batch_size)):
+            yield (images.float() / 255 - mean) / std, labels
+
+
+def evaluate_backbone(backbone: torch.nn.Module, eval_data: EvalData, probe_epochs: int, seed: int,
+                      device: torch.device, k: int = 200, temperature: float = 0.1) -> dict:
+    """kNN top-1 (common.knn_predict: k 200, t 0.1, the whole bank) and linear-probe top-1 (common.linear_probe on
+    the same pooled, L2-normalized backbone features), in %, as the scripts' kNN monitor and `common.py probe`."""
+    backbone = backbone.to(device)
+    train_x, train_y = common.extract_features(backbone, eval_data.batches("train", device), device)
+    test_x, test_y = common.extract_features(backbone, eval_data.batches("test", device), device)
+    correct = sum((common.knn_predict(x, train_x, train_y, eval_data.num_classes, k, temperature) == y).sum().item()
+                  for x, y in zip(test_x.split(1024), test_y.split(1024)))
+    common.seed_everything(seed)  # linear_probe's classifier init draws from the global RNG (`seed`: batch order)
+    linear = common.linear_probe(train_x, train_y, test_x, test_y, eval_data.num_classes, probe_epochs, seed=seed)
+    return {"knn": 100.0 * correct / len(test_y), "linear": linear}
+
+
+def initial_backbone(preset: AccuracyPreset, stem: str, seed: int) -> torch.nn.Module:
+    """The encoder every script starts from with --seed `seed`: the backbone is the first module each one builds
+    after common.seed_everything(seed) (BatchNorm layers draw nothing, so SplitBN or not gives the same weights)."""
+    common.seed_everything(seed)
+    return common.build_backbone(preset.arch, stem)
+
+
+def trained_backbone(run_dir: Path, last_step: int) -> torch.nn.Module:
+    """The backbone of a finished run (what `common.py probe` reads)."""
+    state = common.load_checkpoint(str(run_dir / "checkpoint.pt"))
+    if state["step"] != last_step:
+        common.fail(f"{run_dir}: the checkpoint is at step {state['step']}, the protocol trains {last_step} steps")
+    cfg = state["config"]
+    backbone = common.build_backbone(cfg["arch"], cfg["stem"])
+    backbone.load_state_dict(state["backbone"], strict=True)
+    return backbone
+
+
+def training_rate(run_dir: Path) -> float | None:
+    """Median training images/s of a run's metrics.jsonl records (data path included; the first record, which
+    holds the start-up, left out when there are others)."""
+    path = run_dir / "metrics.jsonl"
+    rates = [r["images_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "images_per_s" in r] \
+        if path.is_file() else []
+    return statistics.median(rates[1:] or rates) if rates else None
+
+
+def same_protocol(protocol: dict) -> dict:
+    """What a saved result must share with the present protocol to be read back (not the wording of notes)."""
+    return {key: protocol[key] for key in ("data", "image_size", "arch", "batch_size", "steps", "scaled_defaults",
+                                           "evaluation")}
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("-", "_")
+
+
+def run_one(method: Method, seed: int, preset: AccuracyPreset, protocol: dict, data_root: str, stem: str,
+            eval_data: EvalData, out_dir: Path, device: torch.device) -> dict | None:
+    """Train (or continue training) and evaluate one (method, seed); the result is saved as
+    OUT/<method>/seed<k>.json beside the run directory OUT/<method>/seed<k>/, and read back instead of redoing
+    the work when it is there. Returns None when the training script failed (its log says why)."""
+    run_dir = out_dir / slug(method.name) / f"seed{seed}"
+    result_path = run_dir.with_suffix(".json")
+    if result_path.is_file():
+        saved = json.loads(result_path.read_text())
+        if same_protocol(saved["protocol"]) != same_protocol(protocol):
+            common.fail(f"{result_path} was measured under another protocol; pass another --out-dir")
+        print(f"{method.name}, seed {seed}: done before ({result_path})", flush=True)
+        return saved
+    tic = time.perf_counter()
+    record = {"method": method.name, "seed": seed, "protocol": protocol}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if method.script is None:
+        backbone = initial_backbone(preset, stem, seed)
+    else:
+        command = training_command(method, preset, data_root, seed, run_dir)
+        print(f"{method.name}, seed {seed}: training ({' '.join(command[1:])})", flush=True)
+        with open(run_dir.with_suffix(".log"), "a") as log:  # the script's own output, kept across re-runs
+            returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if returncode != 0:
+            print(f"{method.name}, seed {seed}: {method.script}.py exited {returncode}, see "
+                  f"{run_dir.with_suffix('.log')}", flush=True)
+            return None
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+        record.update(command=" ".join(command[1:]), train_s=time.perf_counter() - tic,
+                      images_per_s=training_rate(run_dir),
+                      augment=config.get("augment", "cpu (PIL in loader workers; the script has no --augment)"))
+        backbone = trained_backbone(run_dir, protocol["steps"])
+    tic = time.perf_counter()
+    record.update(evaluate_backbone(backbone, eval_data, preset.probe_epochs, seed, device),
+                  eval_s=time.perf_counter() - tic)
+    common.atomic_write(result_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    print(f"{method.name}, seed {seed}: kNN {record['knn']:.2f}%, linear {record['linear']:.2f}%", flush=True)
+    return record
+
+
+def summarize(records: dict[str, list[dict]]) -> list[dict]:
+    """Per method: kNN and linear top-1 over seeds (summary), training images/s (mean over seeds), and the
+    differences to each baseline (difference) where both have runs."""
+    results = []
+    for name, runs in records.items():
+        if not runs:
+            continue
+        rates = [r["images_per_s"] for r in runs if r.get("images_per_s") is not None]
+        row = {"method": name, "seeds": [r["seed"] for r in runs],
+               **{metric: summary([r[metric] for r in runs]) for metric in ("knn", "linear")},
+               "images_per_s": statistics.fmean(rates) if rates else None, "vs": {}}
+        for base in BASELINES:
+            if records.get(base) and base != name:
+                row["vs"][base] = {metric: difference([r[metric] for r in runs], [r[metric] for r in records[base]])
+                                   for metric in ("knn", "linear")}
+        results.append(row)
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    """The table: mean +- std over seeds, the differences to MoCo v2 and SimCLR +- their SE (* beyond 2 SE)."""
+    def value(s):
+        return f"{s['mean']:6.2f} +- {s['std']:4.2f}" if s["std"] is not None else f"{s['mean']:6.2f}        "
+
+    def diff(row, base, metric):
+        d = row["vs"].get(base, {}).get(metric)
+        if d is None:
+            return f"{'-':^16}"
+        if d["se"] is None:
+            return f"{d['diff']:+6.2f}          "
+        return f"{d['diff']:+6.2f} +- {d['se']:4.2f}{'*' if d['exceeds_2se'] else ' '}"
+
+    head = (f"{'method':<12} {'n':>2} {'kNN top-1 %':^15} {'vs MoCo v2':^16} {'vs SimCLR':^16} "
+            f"{'linear top-1 %':^15} {'vs MoCo v2':^16} {'vs SimCLR':^16} {'images/s':>9}")
+    lines = [head, "-" * len(head)]
+    for row in results:
+        rate = f"{row['images_per_s']:9.1f}" if row["images_per_s"] is not None else f"{'-':>9}"
+        lines.append(f"{row['method']:<12} {len(row['seeds']):>2} {value(row['knn'])} {diff(row, 'MoCo v2', 'knn')} "
+                     f"{diff(row, 'SimCLR', 'knn')} {value(row['linear'])} {diff(row, 'MoCo v2', 'linear')} "
+                     f"{diff(row, 'SimCLR', 'linear')} {rate}")
+    lines.append("mean +- std over seeds; differences +- their standard error sqrt(s1^2/n1 + s2^2/n2); "
+                 "* beyond 2 SE")
+    return "\n".join(lines)
+
+
+def save_accuracy_plot(results: list[dict], path: str, title: str) -> None:
+    """Bars: mean kNN and linear top-1 per method, error bars one std over seeds, dots the single runs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install matplotlib): no plot written to {path}", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    x = torch.arange(len(results)).tolist()
+    for offset, metric, label in ((-0.2, "knn", "kNN (k 200)"), (0.2, "linear", "linear probe")):
+        means = [r[metric]["mean"] for r in results]
+        stds = [r[metric]["std"] or 0.0 for r in results]
+        ax.bar([i + offset for i in x], means, 0.4, yerr=stds, capsize=3, label=label, alpha=0.8)
+        for i, r in zip(x, results):
+            ax.plot([i + offset] * len(r[metric]["runs"]), r[metric]["runs"], "k.", markersize=3)
+    ax.set_xticks(x, [r["method"] for r in results], fontsize=8)
+    low = min(min(r[m]["runs"]) for r in results for m in ("knn", "linear"))
+    ax.set_ylim(max(0.0, low - 5), None)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+def accuracy_main(argv: list[str]) -> None:
+    parser = common.OneLineErrorParser(
+        description="Issue 16: pretrain every method under one protocol (same data, encoder, augmentation, batch "
+                    "and number of images seen; each method's hyper-parameters at the script's defaults, epoch "
+                    "counts scaled to the run) and evaluate each backbone alike (kNN k 200 t 0.1 and the linear "
+                    "probe on the whole train / test splits). Re-running continues: finished (method, seed) pairs "
+                    "are read back, interrupted trainings resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(ACCURACY_PRESETS),
+                        help="cpu: the small CNN on the CIFAR-10 JPEGs (~90 min, 2 cores); quick: plumbing (CI); "
+                             "gpu: ResNet-18 on CIFAR-10 (hours on one GPU)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds 0..N-1 per method (0: the preset's)")
+    parser.add_argument("--methods", nargs="+", default=[m.name for m in ACCURACY_METHODS], metavar="NAME",
+                        help="a subset of: " + ", ".join(f"'{m.name}'" for m in ACCURACY_METHODS))
+    parser.add_argument("--data-root", default="", help="override the preset's data root")
+    parser.add_argument("--out-dir", default="", help="run directories and per-run results (default "
+                                                      "runs/accuracy/<preset>)")
+    parser.add_argument("--json", default="", help="write the protocol and the results here (after every run)")
+    parser.add_argument("--plot", default="", help="write a bar plot (PNG) here at the end")
+    args = parser.parse_args(argv)
+    if args.seeds < 0:
+        parser.error(f"argument --seeds: {args.seeds} is out of range (must be >= 0)")
+    known = {m.name: m for m in ACCURACY_METHODS}
+    unknown = [name for name in args.methods if name not in known]
+    if unknown:
+        parser.error(f"argument --methods: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    preset = ACCURACY_PRESETS[args.preset]
+    seeds = args.seeds or preset.seeds
+    data_root = args.data_root or preset.data_root
+    out_dir = Path(args.out_dir or f"runs/accuracy/{args.preset}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    data = common.load_image_data(preset.dataset, data_root, preset.image_size)
+    stem = "cifar" if data.image_size < 100 else "imagenet"  # the scripts' --stem auto
+    steps_per_epoch = len(data.pretrain) // preset.batch_size
+    steps = min(preset.max_steps or math.inf, preset.epochs * steps_per_epoch)
+    protocol = {
+        "preset": args.preset, "note": preset.note,
+        "data": f"{preset.dataset} {data_root}".strip(), "train_images": len(data.pretrain),
+        "test_images": len(data.test), "image_size": data.image_size, "arch": preset.arch,
+        "batch_size": preset.batch_size, "epochs": preset.epochs, "steps": steps,
+        "images_seen": steps * preset.batch_size, "workers": preset.workers,
+        "augmentation": "MoCo v2 / SimCLR recipe (common.pretrain_transform, or common.DeviceAugment where the "
+                        "script has --augment device: the same distribution); one view per image for IRing",
+        "scaled_defaults": {script: scaled_defaults(script, preset.epochs) for script in EPOCH_COUNTED},
+        "scaling_rule": "a default counted in epochs of the script's default run (--epochs default) is moved to "
+                        "the same fraction of this run, rounded to the nearest epoch (halves up)",
+        "evaluation": {"knn": {"k": 200, "t": 0.1}, "linear_probe": {"epochs": preset.probe_epochs, "lr": 0.1},
+                       "features": "pooled backbone output, L2-normalized (common.extract_features), eval mode",
+                       "train_images": preset.eval_bank_size or len(data.memory),
+                       "test_images": preset.eval_test_size or len(data.test)},
+        "methods": {m.name: (f"{m.script}.py {' '.join(m.flags)}".strip() if m.script else
+                             "the seed's initial encoder, untrained") for m in ACCURACY_METHODS},
+        "torch": torch.__version__,
+    }
+    print(f"protocol {args.preset}: {protocol['data']}, {preset.arch}, batch {preset.batch_size}, {steps} steps "
+          f"({protocol['images_seen']} images seen) per method and seed, {seeds} seed(s); {machine(device)}",
+          flush=True)
+    eval_data = EvalData(data, preset.eval_bank_size, preset.eval_test_size, preset.workers)
+    records = {name: [] for name in args.methods}
+    failed = []
+
+    def write_json():
+        if args.json:
+            report = {"protocol": protocol, "results": summarize(records), "failed": failed,
+                      "machine": machine(device), "wall_s": time.perf_counter() - start}
+            common.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+
+    for seed in range(seeds):  # seed by seed: an interrupted preset has every method at the seeds it finished
+        for name in args.methods:
+            record = run_one(known[name], seed, preset, protocol, data_root, stem, eval_data, out_dir, device)
+            if record is None:
+                failed.append(f"{name} seed {seed}")
+            else:
+                records[name].append(record)
+            write_json()
+    results = summarize(records)
+    print(format_results(results))
+    wall_s = time.perf_counter() - start
+    print(f"wall time {wall_s:.0f} s on {machine(device)}, torch {torch.__version__}")
+    write_json()
+    if args.plot and results:
+        save_accuracy_plot(results, args.plot, f"{preset.arch}, {protocol['data'].split('/')[-1]}, "
+                                               f"{protocol['images_seen']} images seen, {seeds} seed(s)")
+    if failed:
+        common.fail(f"{len(failed)} run(s) failed ({', '.join(failed)}): their logs are in {out_dir}; re-run the "
+                    "same command to retry them")
+
+
 BENCHMARKS = {"ring": bench_ring, "mmcl": bench_mmcl, "adco": bench_adco, "acc": bench_acc}
-COMMANDS = {"data": data_main, "gpu": gpu_main}  # their own flags and output
+COMMANDS = {"data": data_main, "gpu": gpu_main, "accuracy": accuracy_main}  # their own flags and output
 
 
 def main(argv=None):
