@@ -11,7 +11,7 @@ Algorithm 2 (Algorithm 1 in detail), as implemented here (line numbers are cited
      4  k_i <- h(x_i) for every x_i in D_v, D_a              # key encoders             (encode_samples)
      6  each epoch: U_v, U_a <- N random clips               # pools (--pool-every)     (Pool, main)
      7  k_n <- h(x_n) for every x_n in U_v, U_a              #                          (encode_samples)
-     9  each step: mini-batch B_v, B_a of M pairs            # two views per modality   (PairData)
+     9  each step: mini-batch B_v, B_a of M pairs            # two views per modality   (common.PairData)
     11  q^a = f_a(a), q^v = f_v(v)                           # queries: MxC             (CMACC.forward)
     13  p(y^_n | v_n, B_a) = softmax_j(k^v_n . q^a_j)        # Eq. (4), v_n in U_v, not in D_v (pseudo_posterior)
     14  y~_n = argmax_j p(y^_n)                              # pseudo-label             (gradient_embedding)
@@ -67,7 +67,7 @@ Where the paper, its public code and this script differ:
 - Under torchrun each rank runs the selection on the gathered global batch of queries with the same generator,
   and rank 0's picks are broadcast, so the dictionaries can never drift apart by a rounding difference.
 
-Datasets (--dataset; a new one is one loader function added to DATASETS, see PairData):
+Datasets (--dataset; a new one is one loader function added to DATASETS, see common.PairData):
 - avmnist: MNIST image of digit d paired with a Free Spoken Digit recording of digit d (pairing fixed per item, in
   the manner of AV-MNIST). --data-root holds mnist5k/mnist_5k.npz and fsdd/recordings/ (../shared/data).
   Labels of both modalities let the kNN monitor probe both encoders and let the logs count the classes among
@@ -133,8 +133,6 @@ import dataclasses
 import math
 import random
 import time
-import wave
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -268,225 +266,11 @@ def stream_seed(*parts) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: paired modalities. A dataset is a loader function cfg -> PairData, registered in DATASETS.
+# Config: every field is a flag (`moco_k` -> `--moco-k`). The paired datasets, their audio and video encoders
+# and the pair kNN monitor are in common.py ("Audio-visual data", "Audio and video encoders").
 # ---------------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class PairData:
-    """Everything the training loop knows about a paired dataset.
-
-    train: indexed by (index, seed), the pairs common.EpochSampler yields, and returns
-        ([v_query, v_key], [a_query, a_key], label_v, label_a): two augmented views of each modality of item
-        `index`, every random choice a function of `seed` (exact resume). Labels are ints, -1 where unknown; they
-        are only counted in the logs, never used for training.
-    kinds: encoder family of (v, a): 'video' (3xTxHxW clips), 'audio' (bands x frames log-mel), 'image' (3xHxW).
-    in_channels: input channels of (v, a) (mel bands for audio, 3 otherwise).
-    num_classes: label classes (0 when unlabelled).
-    knn: {modality: (bank, test)} datasets of (input, label) with evaluation transforms, for the kNN monitor.
-    An image-pair dataset (x, y) plugs in with kinds ('image', 'image').
-    """
-    train: torch.utils.data.Dataset
-    kinds: tuple[str, str]
-    in_channels: tuple[int, int]
-    num_classes: int
-    knn: dict
-
-
-def read_wav(path, start: int = 0, count: int | None = None) -> tuple[torch.Tensor, int]:
-    """Mono waveform in [-1, 1) of a 16-bit PCM wav, frames [start, start + count), and its sample rate. Python's
-    wave module: from torchaudio 2.9 on, torchaudio.load needs torchcodec, which may not be installed."""
-    with wave.open(str(path)) as w:
-        if w.getsampwidth() != 2:
-            common.fail(f"{path}: {8 * w.getsampwidth()}-bit audio; convert it to 16-bit PCM (ffmpeg -c:a pcm_s16le)")
-        w.setpos(min(start, w.getnframes()))
-        raw = w.readframes(w.getnframes() - start if count is None else count)
-        channels, rate = w.getnchannels(), w.getframerate()
-    audio = torch.frombuffer(bytearray(raw), dtype=torch.int16).float() if raw else torch.zeros(0)
-    return audio.view(-1, channels).mean(1) / 32768.0, rate
-
-
-class LogMel:
-    """80-band log-mel spectrogram (Appendix A), 25 ms windows every 10 ms, LibROSA's Slaney filterbank and 80 dB
-    dynamic range, standardized per clip. Returns bands x frames: the bands are the channels of the audio encoder's
-    1D convolutions."""
-
-    def __init__(self, bands: int):
-        self.bands, self.transforms = bands, {}
-
-    def __call__(self, audio: torch.Tensor, rate: int) -> torch.Tensor:
-        import torchaudio
-
-        if rate not in self.transforms:
-            window = int(0.025 * rate)
-            self.transforms[rate] = torchaudio.transforms.MelSpectrogram(
-                rate, n_fft=2 ** math.ceil(math.log2(2 * window)), win_length=window, hop_length=rate // 100,
-                n_mels=self.bands, norm="slaney", mel_scale="slaney")
-        db = 10 * self.transforms[rate](audio).clamp_min(1e-10).log10()  # mel power in dB: bands x frames
-        db = db.clamp_min(db.max() - 80.0)  # LibROSA's power_to_db(top_db=80): silence and padding sit at the floor
-        return (db - db.mean()) / (db.std() + 1e-5)
-
-
-def mask_spectrogram(mel: torch.Tensor, max_bands: int = 8, max_fraction: float = 0.1) -> torch.Tensor:
-    """One band mask and one time mask (SpecAugment), drawn from torch's RNG (seeded per item by the dataset)."""
-    bands, frames = mel.shape
-    out = mel.clone()
-    width = int(torch.randint(0, max_bands + 1, ()))
-    start = int(torch.randint(0, bands - width + 1, ()))
-    out[start:start + width] = 0.0
-    width = int(torch.randint(0, int(max_fraction * frames) + 1, ()))
-    start = int(torch.randint(0, frames - width + 1, ()))
-    out[:, start:start + width] = 0.0
-    return out
-
-
-def fixed_length(audio: torch.Tensor, length: int, random_offset: bool) -> torch.Tensor:
-    """Crop or zero-pad a waveform to `length` samples, at a random offset (a time shift) or centered."""
-    excess = audio.shape[0] - length
-    offset = int(torch.randint(0, abs(excess) + 1, ())) if random_offset else abs(excess) // 2
-    if excess >= 0:
-        return audio[offset:offset + length]
-    return F.pad(audio, (offset, -excess - offset))
-
-
-class DigitPairs(torch.utils.data.Dataset):
-    """avmnist: item i is MNIST image i (digit d) with a fixed spoken recording of digit d (FSDD, 1 s at 8 kHz).
-    mode 'train': (index, seed) -> two views of each; 'image' / 'audio': index -> (evaluation input, digit)."""
-
-    MEAN, STD = 0.1307, 0.3081
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recordings: list[Path], mode: str, bands: int):
-        self.images, self.labels, self.recordings, self.mode = images, labels, recordings, mode
-        self.mel = LogMel(bands)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def image(self, i: int, augment: bool) -> torch.Tensor:
-        from torchvision.transforms import v2
-
-        x = self.images[i].float().div(255).unsqueeze(0)  # 1x28x28
-        if augment:
-            x = v2.RandomResizedCrop(28, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)(x)
-        return ((x - self.MEAN) / self.STD).expand(3, -1, -1)  # 3x28x28 for the RGB image encoders
-
-    def audio(self, i: int, augment: bool) -> torch.Tensor:
-        wav, rate = read_wav(self.recordings[i])
-        mel = self.mel(fixed_length(wav, rate, augment), rate)  # bands x 101
-        return mask_spectrogram(mel) if augment else mel
-
-    def __getitem__(self, item):
-        if self.mode == "image":
-            return self.image(item, False), int(self.labels[item])
-        if self.mode == "audio":
-            return self.audio(item, False), int(self.labels[item])
-        index, seed = item
-        with common.seeded_cpu_rng(seed):
-            views_v = [self.image(index, True) for _ in range(2)]
-            views_a = [self.audio(index, True) for _ in range(2)]
-        label = int(self.labels[index])
-        return views_v, views_a, label, label
-
-
-def load_avmnist(cfg: Config) -> PairData:
-    """MNIST (500 per digit: 400 train, 100 test) with FSDD (recordings 0-4 of each speaker and digit are its
-    standard test split). Training image j of digit d is paired with training recording j mod R_d of digit d."""
-    import numpy as np
-
-    root = Path(cfg.data_root)
-    npz, wav_dir = root / "mnist5k" / "mnist_5k.npz", root / "fsdd" / "recordings"
-    if not npz.is_file() or not wav_dir.is_dir():
-        common.fail(f"--data-root {cfg.data_root}: avmnist needs mnist5k/mnist_5k.npz and fsdd/recordings/ in it")
-    try:
-        with np.load(npz) as arrays:
-            images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long()
-    except (OSError, ValueError, KeyError) as e:  # not an npz, a pickle, or missing arrays
-        common.fail(f"cannot read {npz} as MNIST arrays 'images' and 'labels' ({str(e).splitlines()[0][:100]})")
-    train_rows, test_rows = [], []
-    for d in range(10):
-        rows = (labels == d).nonzero().squeeze(1)
-        train_rows.append(rows[:400])
-        test_rows.append(rows[400:])
-    train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
-    wavs = sorted(wav_dir.glob("*.wav"), key=lambda p: (int(p.stem.split("_")[0]), p.stem))
-    splits = {"train": [p for p in wavs if int(p.stem.split("_")[2]) >= 5],
-              "test": [p for p in wavs if int(p.stem.split("_")[2]) < 5]}
-    by_digit = [[p for p in splits["train"] if int(p.stem.split("_")[0]) == d] for d in range(10)]
-    seen = [0] * 10
-    partners = []
-    for d in labels[train_rows].tolist():
-        partners.append(by_digit[d][seen[d] % len(by_digit[d])])
-        seen[d] += 1
-    train = DigitPairs(images[train_rows], labels[train_rows], partners, "train", cfg.mel_bands)
-    knn = {"v": (DigitPairs(images[train_rows], labels[train_rows], [], "image", cfg.mel_bands),
-                 DigitPairs(images[test_rows], labels[test_rows], [], "image", cfg.mel_bands)),
-           "a": tuple(DigitPairs(None, torch.tensor([int(p.stem[0]) for p in splits[s]]), splits[s], "audio",
-                                 cfg.mel_bands) for s in ("train", "test"))}
-    return PairData(train, ("image", "audio"), (3, cfg.mel_bands), 10, knn)
-
-
-class VideoClips(torch.utils.data.Dataset):
-    """avfolder: (index, seed) -> two views of clip `index` ([3xTxSxS] x2) and of its audio segment ([bands x
-    frames] x2), labels -1. The start frame is jittered within the stride (temporal jittering, Appendix A); both
-    views of both modalities share it, so the audio stays aligned with the frames."""
-
-    MEAN, STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)  # Kinetics statistics
-
-    def __init__(self, videos: list[tuple[list[Path], Path]], cfg: Config):
-        self.videos, self.cfg = videos, cfg
-        self.items = [(v, s) for v, (frames, _) in enumerate(videos)
-                      for s in range(0, len(frames) - cfg.clip_frames + 1, cfg.clip_stride)]
-        self.rates = []
-        for _, wav_path in videos:
-            with wave.open(str(wav_path)) as w:
-                self.rates.append(w.getframerate())
-        self.mel = LogMel(cfg.mel_bands)
-
-    def __len__(self):
-        return len(self.items)
-
-    def augment(self, frames: torch.Tensor) -> torch.Tensor:
-        """Random resized crop, flip and grayscale with the same parameters for every frame (Appendix A)."""
-        from torchvision.transforms import v2
-
-        size = self.cfg.frame_size
-        clip = v2.Compose([v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                           v2.RandomGrayscale(p=0.2)])(frames).float().div(255)  # Tx3xSxS
-        clip = (clip - torch.tensor(self.MEAN).view(3, 1, 1)) / torch.tensor(self.STD).view(3, 1, 1)
-        return clip.transpose(0, 1).contiguous()  # 3xTxSxS, the layout of torchvision's video models
-
-    def __getitem__(self, index_and_seed):
-        from PIL import Image  # torchvision.io's decoders are deprecated from torchvision 0.29; PIL is everywhere
-        from torchvision.transforms.functional import pil_to_tensor
-
-        index, seed = index_and_seed
-        video, start = self.items[index]
-        frame_paths, wav_path = self.videos[video]
-        cfg = self.cfg
-        with common.seeded_cpu_rng(seed):
-            start = min(start + int(torch.randint(0, cfg.clip_stride, ())), len(frame_paths) - cfg.clip_frames)
-            frames = torch.stack([pil_to_tensor(Image.open(p).convert("RGB"))
-                                  for p in frame_paths[start:start + cfg.clip_frames]])  # Tx3xHxW uint8
-            views_v = [self.augment(frames) for _ in range(2)]
-            rate = self.rates[video]
-            first, length = round(start / cfg.fps * rate), round(cfg.clip_frames / cfg.fps * rate)
-            audio, rate = read_wav(wav_path, first, length)
-            mel = self.mel(F.pad(audio, (0, length - audio.shape[0])), rate)  # bands x (100 per second)
-            views_a = [mask_spectrogram(mel) for _ in range(2)]
-        return views_v, views_a, -1, -1
-
-
-def load_avfolder(cfg: Config) -> PairData:
-    root = Path(cfg.data_root)
-    folders = (sorted(d for d in root.iterdir() if (d / "frames").is_dir() and (d / "audio.wav").is_file())
-               if root.is_dir() else [])
-    videos = [(sorted((d / "frames").glob("*.jpg")), d / "audio.wav") for d in folders]
-    videos = [v for v in videos if len(v[0]) >= cfg.clip_frames]
-    if not videos:
-        common.fail(f"--data-root {cfg.data_root}: no <video>/frames/*.jpg + <video>/audio.wav folder with at least "
-                    f"{cfg.clip_frames} frames (see the ffmpeg commands in moco_acc.py's docstring)")
-    return PairData(VideoClips(videos, cfg), ("video", "audio"), (3, cfg.mel_bands), 0, {})
-
-
-DATASETS = {"avmnist": load_avmnist, "avfolder": load_avfolder}
+# --dataset: a loader function cfg -> common.PairData per name; other code may add its own (toy_mi/).
+DATASETS = {"avmnist": common.load_avmnist, "avfolder": common.load_avfolder}
 
 
 @dataclasses.dataclass
@@ -563,92 +347,6 @@ def learning_rate(step: int, warmup_steps: int, base_lr: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Encoders, chosen per modality by the dataset's `kinds`
-# ---------------------------------------------------------------------------------------------------------------------
-def split_batchnorm(net: nn.Module, splits: int) -> nn.Module:
-    """Replace every BatchNorm of a freshly built network by common.SplitBatchNorm (nothing to do for one split)."""
-    for name, child in net.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and splits > 1:
-            setattr(net, name, common.SplitBatchNorm(child.num_features, splits))
-        else:
-            split_batchnorm(child, splits)
-    return net
-
-
-class BasicBlock1d(nn.Module):
-    def __init__(self, width_in: int, width: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv1d(width_in, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm1d(width)
-        self.conv2 = nn.Conv1d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm1d(width)
-        self.shortcut = nn.Identity() if stride == 1 and width_in == width else nn.Sequential(
-            nn.Conv1d(width_in, width, 1, stride, bias=False), nn.BatchNorm1d(width))
-
-    def forward(self, x):
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class AudioResNet18(nn.Module):
-    """ResNet-18 with 1D kernels (Section 5): the mel bands are input channels, convolutions run along time."""
-
-    def __init__(self, bands: int):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv1d(bands, 64, 7, 2, 3, bias=False), nn.BatchNorm1d(64), nn.ReLU(inplace=True))
-        blocks, width_in = [], 64
-        for stage, width in enumerate((64, 128, 256, 512)):
-            for block in range(2):
-                blocks.append(BasicBlock1d(width_in, width, 2 if stage > 0 and block == 0 else 1))
-                width_in = width
-        self.blocks = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(1), nn.Flatten())
-        self.out_dim = 512
-
-    def forward(self, x):
-        return self.blocks(self.stem(x))
-
-
-def small_cnn(conv: type, norm: type, pool: nn.Module, channels: int, widths=(32, 64, 128)) -> nn.Sequential:
-    """Three conv-BN-ReLU blocks (stride 2 after the first) and global average pooling, for CPU runs."""
-    layers, width_in = [], channels
-    for i, width in enumerate(widths):
-        layers += [conv(width_in, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm(width),
-                   nn.ReLU(inplace=True)]
-        width_in = width
-    net = nn.Sequential(*layers, pool, nn.Flatten())
-    net.out_dim = widths[-1]
-    return net
-
-
-def build_backbone(kind: str, arch: str, in_channels: int, bn_splits: int) -> nn.Module:
-    """The encoder of one modality, `.out_dim` = feature size."""
-    if kind == "image":
-        net = common.build_backbone(arch, "cifar")  # image pairs here are small (28-96 px): 3x3 stem, no max-pool
-    elif kind == "audio":
-        net = (AudioResNet18(in_channels) if arch == "resnet18" else
-               small_cnn(nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d(1), in_channels, (64, 128, 128)))
-    elif arch == "resnet18":  # video
-        import torchvision
-
-        net = torchvision.models.video.r3d_18(weights=None)
-        net.out_dim, net.fc = net.fc.in_features, nn.Identity()
-    else:
-        net = small_cnn(nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d(1), in_channels)
-    return split_batchnorm(net, bn_splits)
-
-
-class Branch(nn.Module):
-    """backbone (what is evaluated and exported) + projection head."""
-
-    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
-        super().__init__()
-        self.backbone = backbone
-        self.head = common.projection_head(backbone.out_dim, dim, mlp)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 class Dictionary(common.Queue):
@@ -689,7 +387,7 @@ class CMACC(nn.Module):
         self.partner = {m: m for m in MODALITIES} if cfg.unimodal else {"v": "a", "a": "v"}
         # --shared-encoder (regular MoCo): the same modules stand for both modalities, so `own` lists each once.
         self.own = MODALITIES[:1] if cfg.shared_encoder else MODALITIES
-        branches = [Branch(build_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
+        branches = [common.Branch(common.build_modality_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
                     for kind, c in zip(kinds[:len(self.own)], in_channels)]
         self.query = nn.ModuleDict({m: branches[i % len(branches)] for i, m in enumerate(MODALITIES)})
         self.key = copy.deepcopy(self.query).requires_grad_(False)  # h starts as f (deepcopy keeps the sharing)
@@ -780,7 +478,7 @@ def encode_samples(model: CMACC, dataset, indices: torch.Tensor, seeds: torch.Te
 
 
 class WithIds(torch.utils.data.Dataset):
-    """A PairData.train whose items also return their dataset index (the id the dictionaries track)."""
+    """A common.PairData.train whose items also return their dataset index (the id the dictionaries track)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -850,27 +548,6 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-class PairKnn:
-    """common.KnnMonitor for every labelled modality: bank = training inputs, queries = test inputs (evaluation
-    transforms), the backbone of that modality's query encoder. Main process only, others wait at a barrier."""
-
-    def __init__(self, data: PairData, cfg: Config, device: torch.device):
-        self.loaders = {m: [common.make_loader(common.evenly_spaced_subset(d, n), 256, cfg.workers, device)
-                            for d, n in zip(split, (cfg.knn_bank_size, cfg.knn_test_size))]
-                        for m, split in data.knn.items()}
-        self.num_classes, self.k, self.t, self.device = data.num_classes, cfg.knn_k, cfg.knn_t, device
-
-    def __call__(self, model: CMACC) -> dict[str, float]:
-        top1 = {}
-        if common.is_main():
-            for m, (bank, test) in self.loaders.items():
-                top1[f"knn_top1_{m}"] = common.knn_accuracy(model.query[m].backbone, bank, test, self.num_classes,
-                                                            self.device, self.k, self.t)
-        if common.world_size() > 1:
-            dist.barrier()
-        return top1
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Training loop (the same skeleton in every method script)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -925,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
                                 sampler)
-    evaluate = PairKnn(data, cfg, device)
+    evaluate = common.PairKnn(data, cfg, device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -966,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            top1 = evaluate(model)
+            top1 = evaluate(model.backbones())
             if top1:
                 run.log({"step": step, "epoch": epoch, **top1})
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 " +

@@ -177,7 +177,8 @@ def test_split_batchnorm_normalizes_each_contiguous_group_on_its_own(shape):
 @pytest.mark.parametrize("kind,shape", [("video", (4, 3, 4, 32, 32)), ("audio", (4, 80, 101)),
                                         ("image", (4, 3, 28, 28))])
 def test_every_encoder_maps_its_modality_to_one_feature_vector(kind, shape, arch):
-    net = moco_acc.build_backbone(kind, arch, shape[1], bn_splits=2)  # r3d_18, ResNet-18 1D, ResNet-18, small CNNs
+    # r3d_18, ResNet-18 with 1D kernels, ResNet-18, small CNNs
+    net = common.build_modality_backbone(kind, arch, shape[1], bn_splits=2)
     assert net(torch.randn(*shape)).shape == (4, net.out_dim)
     assert any(isinstance(m, common.SplitBatchNorm) for m in net.modules())
 
@@ -362,10 +363,10 @@ def trained_avmnist(tmp_path_factory):
 def test_short_cpu_run_learns_digits_in_both_modalities(trained_avmnist):
     """kNN top-1 of the image and the audio encoder after a short run beat the same encoders at random init."""
     cfg, out = trained_avmnist
-    data = moco_acc.load_avmnist(cfg)
+    data = common.load_avmnist(cfg)
     common.seed_everything(cfg.seed)
     untrained = moco_acc.CMACC(cfg, data.kinds, data.in_channels, bn_splits=2)
-    before = moco_acc.PairKnn(data, cfg, torch.device("cpu"))(untrained)
+    before = common.PairKnn(data, cfg, torch.device("cpu"))(untrained.backbones())
     after = read_metrics(out)[-1]
     print(f"kNN top-1 at random init {before}, after 150 steps {after}")
     assert after["knn_top1_v"] > before["knn_top1_v"] + 5.0
@@ -388,7 +389,7 @@ def test_active_sampling_selects_negatives_of_more_classes_than_random(trained_a
     (+2.8 SE). With the 60 draws this test used before (SE 0.13), another CPU's run had given active 6.68: that
     margin was too thin."""
     cfg, out = trained_avmnist
-    data = moco_acc.load_avmnist(cfg)
+    data = common.load_avmnist(cfg)
     model = moco_acc.CMACC(cfg, data.kinds, data.in_channels, bn_splits=2)
     model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
     cpu = torch.device("cpu")

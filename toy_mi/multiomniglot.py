@@ -218,8 +218,8 @@ def shifted(cells: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 class PairViews(torch.utils.data.Dataset):
-    """moco_acc's PairData.train: (index, seed) -> ([x, x'], [y, y'], z_1, (z_1 + 1) mod l_1), two shifted views
-    of each image of pair `index`, every random choice a function of `seed` (exact resume). The labels (first
+    """moco_acc's common.PairData.train: (index, seed) -> ([x, x'], [y, y'], z_1, (z_1 + 1) mod l_1), two shifted
+    views of each image of pair `index`, every random choice a function of `seed` (exact resume). The labels (first
     character) only feed moco_acc's count of distinct classes among the chosen negatives."""
 
     def __init__(self, split: omniglot_data.MultiOmniglot, shift: int, downsample: int = 1):
@@ -256,8 +256,9 @@ class XImages(torch.utils.data.Dataset):
 
 def register(train: omniglot_data.MultiOmniglot, shift: int, downsample: int = 1) -> None:
     """Plug the training split into moco_acc as --dataset multiomniglot (a loader function in DATASETS)."""
-    moco_acc.DATASETS[DATASET] = lambda _cfg: moco_acc.PairData(
-        PairViews(train, shift, downsample), kinds=("image", "image"), in_channels=(3, 3), num_classes=train.sizes[0], knn={})
+    moco_acc.DATASETS[DATASET] = lambda _cfg: common.PairData(
+        PairViews(train, shift, downsample), kinds=("image", "image"), in_channels=(3, 3), num_classes=train.sizes[0],
+        knn={})
 
 
 def pretrain_argv(cfg: Config, method: str, seed: int, run_dir: Path) -> list[str]:
@@ -280,7 +281,7 @@ def pretrain_argv(cfg: Config, method: str, seed: int, run_dir: Path) -> list[st
 # ---------------------------------------------------------------------------------------------------------------------
 def x_backbone(cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
     """The x query encoder's backbone (moco_acc's modality v) from a checkpoint, or freshly initialised."""
-    backbone = moco_acc.build_backbone("image", cfg.arch, 3, bn_splits=1)
+    backbone = common.build_modality_backbone("image", cfg.arch, 3, bn_splits=1)
     if checkpoint is not None:
         saved = common.load_checkpoint(str(checkpoint), "moco_acc")["backbone"]  # ModuleDict {v, a}
         backbone.load_state_dict({k[2:]: v for k, v in saved.items() if k.startswith("v.")}, strict=True)
