@@ -722,6 +722,17 @@ def slug(name: str) -> str:
     return name.lower().replace(" ", "_").replace("-", "_")
 
 
+def saved_result(method: Method, seed: int, protocol: dict, out_dir: Path) -> dict | None:
+    """The result of a finished (method, seed), OUT/<method>/seed<k>.json, if it is there."""
+    result_path = out_dir / slug(method.name) / f"seed{seed}.json"
+    if not result_path.is_file():
+        return None
+    saved = json.loads(result_path.read_text())
+    if same_protocol(saved["protocol"]) != same_protocol(protocol):
+        common.fail(f"{result_path} was measured under another protocol; pass another --out-dir")
+    return saved
+
+
 def run_one(method: Method, seed: int, preset: AccuracyPreset, protocol: dict, data_root: str, stem: str,
             eval_data: EvalData, out_dir: Path, device: torch.device) -> dict | None:
     """Train (or continue training) and evaluate one (method, seed); the result is saved as
@@ -729,10 +740,8 @@ def run_one(method: Method, seed: int, preset: AccuracyPreset, protocol: dict, d
     the work when it is there. Returns None when the training script failed (its log says why)."""
     run_dir = out_dir / slug(method.name) / f"seed{seed}"
     result_path = run_dir.with_suffix(".json")
-    if result_path.is_file():
-        saved = json.loads(result_path.read_text())
-        if same_protocol(saved["protocol"]) != same_protocol(protocol):
-            common.fail(f"{result_path} was measured under another protocol; pass another --out-dir")
+    saved = saved_result(method, seed, protocol, out_dir)
+    if saved is not None:
         print(f"{method.name}, seed {seed}: done before ({result_path})", flush=True)
         return saved
     tic = time.perf_counter()
@@ -855,6 +864,8 @@ def accuracy_main(argv: list[str]) -> None:
                                                       "runs/accuracy/<preset>)")
     parser.add_argument("--json", default="", help="write the protocol and the results here (after every run)")
     parser.add_argument("--plot", default="", help="write a bar plot (PNG) here at the end")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the runs finished so far (and write --json, --plot); train nothing")
     args = parser.parse_args(argv)
     if args.seeds < 0:
         parser.error(f"argument --seeds: {args.seeds} is out of range (must be >= 0)")
@@ -894,19 +905,28 @@ def accuracy_main(argv: list[str]) -> None:
     print(f"protocol {args.preset}: {protocol['data']}, {preset.arch}, batch {preset.batch_size}, {steps} steps "
           f"({protocol['images_seen']} images seen) per method and seed, {seeds} seed(s); {machine(device)}",
           flush=True)
-    eval_data = EvalData(data, preset.eval_bank_size, preset.eval_test_size, preset.workers)
+    eval_data = None if args.report_only else EvalData(data, preset.eval_bank_size, preset.eval_test_size,
+                                                       preset.workers)
     records = {name: [] for name in args.methods}
-    failed = []
+    failed, missing = [], []
 
     def write_json():
         if args.json:
-            report = {"protocol": protocol, "results": summarize(records), "failed": failed,
-                      "machine": machine(device), "wall_s": time.perf_counter() - start}
+            done = [r for runs in records.values() for r in runs]
+            report = {"protocol": protocol, "results": summarize(records), "failed": failed, "missing": missing,
+                      "machine": machine(device), "wall_s": time.perf_counter() - start,
+                      "run_s": sum(r.get("train_s", 0.0) + r["eval_s"] for r in done)}
             common.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
 
     for seed in range(seeds):  # seed by seed: an interrupted preset has every method at the seeds it finished
         for name in args.methods:
-            record = run_one(known[name], seed, preset, protocol, data_root, stem, eval_data, out_dir, device)
+            if args.report_only:
+                record = saved_result(known[name], seed, protocol, out_dir)
+                if record is None:
+                    missing.append(f"{name} seed {seed}")
+                    continue
+            else:
+                record = run_one(known[name], seed, preset, protocol, data_root, stem, eval_data, out_dir, device)
             if record is None:
                 failed.append(f"{name} seed {seed}")
             else:
@@ -914,6 +934,8 @@ def accuracy_main(argv: list[str]) -> None:
             write_json()
     results = summarize(records)
     print(format_results(results))
+    if missing:
+        print(f"not finished yet: {', '.join(missing)}")
     wall_s = time.perf_counter() - start
     print(f"wall time {wall_s:.0f} s on {machine(device)}, torch {torch.__version__}")
     write_json()

@@ -2,7 +2,8 @@
 
 The statistics (difference to a baseline and its standard error) against a hand computation, the scaling of the
 scripts' epoch-counted defaults against the rule written in the protocol, and the quick preset end to end: the JSON
-has the issue's schema and every method, and a re-run reads finished runs back instead of training them again.
+has the issue's schema and every method, a re-run reads finished runs back instead of training them again, and
+--report-only tabulates the finished runs alone.
 """
 import json
 import math
@@ -80,3 +81,11 @@ def test_quick_preset_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     assert (again["knn"], again["linear"]) == (before["knn"], before["linear"])
     assert len((out / "moco_v2" / "seed0" / "metrics.jsonl").read_text().splitlines()) == steps_logged
     assert plot.is_file() and plot.stat().st_size < 200_000
+
+    # --report-only tabulates what is finished and trains nothing: with --seeds 2, seed 1 is listed as missing.
+    third = run_script("benchmark.py", "accuracy", "--preset", "quick", "--out-dir", str(out), "--json", str(report),
+                       "--seeds", "2", "--report-only", timeout=600)
+    assert "training (" not in third.stdout and "not finished yet: random init seed 1" in third.stdout
+    partial = json.loads(report.read_text())
+    assert len(partial["missing"]) == len(names) and all(len(r["knn"]["runs"]) == 1 for r in partial["results"])
+    assert not (out / "moco_v2" / "seed1").exists()
