@@ -781,7 +781,8 @@ def summarize(records: dict[str, list[dict]]) -> list[dict]:
         rates = [r["images_per_s"] for r in runs if r.get("images_per_s") is not None]
         row = {"method": name, "seeds": [r["seed"] for r in runs],
                **{metric: summary([r[metric] for r in runs]) for metric in ("knn", "linear")},
-               "images_per_s": statistics.fmean(rates) if rates else None, "vs": {}}
+               "images_per_s": statistics.fmean(rates) if rates else None,
+               "augment": sorted({r["augment"] for r in runs if "augment" in r}), "vs": {}}
         for base in BASELINES:
             if records.get(base) and base != name:
                 row["vs"][base] = {metric: difference([r[metric] for r in runs], [r[metric] for r in records[base]])
