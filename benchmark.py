@@ -794,14 +794,14 @@ def summarize(records: dict[str, list[dict]]) -> list[dict]:
 def format_results(results: list[dict]) -> str:
     """The table: mean +- std over seeds, the differences to MoCo v2 and SimCLR +- their SE (* beyond 2 SE)."""
     def value(s):
-        return f"{s['mean']:6.2f} +- {s['std']:4.2f}" if s["std"] is not None else f"{s['mean']:6.2f}        "
+        return f"{s['mean']:6.2f} +- {s['std']:4.2f}" if s["std"] is not None else f"{s['mean']:6.2f}{'':9}"
 
     def diff(row, base, metric):
         d = row["vs"].get(base, {}).get(metric)
         if d is None:
-            return f"{'-':^16}"
+            return f"{'-':>6}{'':10}"
         if d["se"] is None:
-            return f"{d['diff']:+6.2f}          "
+            return f"{d['diff']:+6.2f}{'':10}"
         return f"{d['diff']:+6.2f} +- {d['se']:4.2f}{'*' if d['exceeds_2se'] else ' '}"
 
     head = (f"{'method':<12} {'n':>2} {'kNN top-1 %':^15} {'vs MoCo v2':^16} {'vs SimCLR':^16} "
