@@ -147,6 +147,57 @@ def test_hue_of_grey_and_saturated_pixels_equals_torchvision():
         torch.testing.assert_close(common.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=1e-6, rtol=0)
 
 
+def test_whole_jitter_chain_in_random_orders_equals_torchvision():
+    """The fused blend pass (brightness, contrast, saturation as one a x + b gray + c per position, identity where
+    the sample has hue or no jitter) against torchvision's ops one after the other, in each sample's own order."""
+    n = 96
+    x = images(n, 32, seed=4).float() / 255
+    p = common.DeviceAugment(32, MEAN, STD).params(seeds(n, seed=7), 32, 32)
+    ours = x.clone()
+    common.color_jitter(ours, p.jitter, p.order, p.factors)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(n):
+        ref = x[i]
+        if p.jitter[i]:
+            for op in p.order[i].tolist():
+                ref = ops[op](ref, float(p.factors[i, op]))
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+    assert torch.equal(ours[~p.jitter], x[~p.jitter])
+
+
+def test_hue_without_remainder_at_the_ends_of_its_range_equals_torchvision():
+    """6h + 6 hue spans [-1.6, 5.6): pixels whose hue sits at either end of torchvision's sectors (max r with b > g:
+    6h near -1; max b with r > g: 6h near 5), each sector boundary and random pixels, rotated by hue in [-0.1, 0.1]."""
+    edge = torch.tensor([[1.0, 0.0, 0.999], [0.999, 0.0, 1.0], [1.0, 0.5, 0.0], [0.0, 1.0, 0.5], [0.5, 0.0, 1.0],
+                         [1.0, 1.0, 0.2], [0.2, 1.0, 1.0], [1.0, 0.2, 1.0], [0.3, 0.3, 0.3]]).T
+    noise = torch.rand(1, 3, 1, 500, generator=torch.Generator().manual_seed(0))
+    for hue in (-0.1, -0.0999, -0.05, 0.0, 0.02, 0.0999, 0.1):
+        for x, atol in ((edge.reshape(1, 3, 1, -1), 1e-6), (noise, 1e-5)):  # 1e-5: this file's pixel tolerance
+            torch.testing.assert_close(common.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=atol,
+                                       rtol=0)
+
+
+def test_grayscale_and_normalize_in_two_passes_equal_torchvision():
+    x, gray = images(16, 32).float() / 255, torch.arange(16) % 3 == 0
+    out = torch.empty(16, 3, 32, 32)
+    result = common.grayscale_normalize(x, gray, torch.tensor(MEAN).view(1, 3, 1, 1),
+                                        torch.tensor(STD).view(1, 3, 1, 1), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    for i in range(16):
+        ref = TF.rgb_to_grayscale(x[i], num_output_channels=3) if gray[i] else x[i]
+        torch.testing.assert_close(out[i], TF.normalize(ref, MEAN, STD), atol=1e-5, rtol=0)
+
+
+def test_blur_before_grayscale_gives_torchvision_s_grayscale_then_blur():
+    """apply() blurs before the grayscale (they commute); forced on for every sample, against torchvision's order."""
+    n, side = 8, 96
+    augment, x = common.DeviceAugment(side, MEAN, STD), images(n, side, seed=2)
+    p = augment.params(seeds(n, seed=3), side, side)._replace(grayscale=torch.ones(n, dtype=torch.bool),
+                                                              blur=torch.ones(n, dtype=torch.bool))
+    ours = augment.apply(x, p)
+    for i in range(n):
+        torch.testing.assert_close(ours[i], reference_view(x[i], p, i, side, augment.blur_kernel), atol=1e-4, rtol=0)
+
 def test_grayscale_and_blur_equal_torchvision():
     x = images(8, 96).float() / 255
     torch.testing.assert_close(common.grayscale(x).expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, 3), atol=1e-6, rtol=0)
