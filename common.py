@@ -660,12 +660,15 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, order: torch.Tensor, fa
     weight_gray = torch.where(blend & (order == 2), 1.0 - at_position, 0.0)  # b
     weight_mean = torch.where(blend & (order == 1), 1.0 - at_position, 0.0)  # c / mean
     hue = applied.view(-1, 1) & (order == 3)
+    n, _, height, width = x.shape
+    luma = _LUMA.to(x.device)
     for position in range(4):
-        gray = grayscale(x)
-        mean = gray.mean((1, 2, 3), keepdim=True)
-        target = torch.addcmul(mean.mul_(weight_mean[:, position].view(-1, 1, 1, 1)), gray,
-                               weight_gray[:, position].view(-1, 1, 1, 1))  # b gray + c: Nx1xHxW
-        torch.addcmul(target, x, weight_x[:, position].view(-1, 1, 1, 1), out=x).clamp_(0.0, 1.0)
+        mean_gray = x.mean((2, 3)) @ luma  # N: the mean of the grey image, as the luma of the channel means
+        # b gray + c = b luma . x + c: one batched product (Nx1x3 @ Nx3x(HW), plus c) for the whole target
+        target = torch.baddbmm((weight_mean[:, position] * mean_gray).view(-1, 1, 1),
+                               weight_gray[:, position].view(-1, 1, 1) * luma, x.view(n, 3, height * width))
+        torch.addcmul(target.view(n, 1, height, width), x, weight_x[:, position].view(-1, 1, 1, 1),
+                      out=x).clamp_(0.0, 1.0)
         rows = hue[:, position].nonzero().squeeze(1)
         if len(rows):
             x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), at_position[rows, position]))
