@@ -555,9 +555,12 @@ class DeviceAugment:
         (into `out` when given)."""
         device, (height, width) = images.device, images.shape[-2:]
         p = ViewParams(*(t.to(device, non_blocking=True) for t in p))
-        rows = resize_matrix(p.top, p.height, height, self.size).div_(255.0)  # NxSxH, ToTensor's /255 folded in
-        cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
-        x = crop_resize(images, rows, cols)  # x: NxCxSxS in [0, 1]
+        if height <= self.size and width <= self.size and self.size & (self.size - 1) == 0:  # e.g. CIFAR at 32 px
+            x = crop_enlarge(images, p, self.size).div_(255.0)  # x: NxCxSxS in [0, 1]
+        else:  # some crops shrink (the antialiased filter), or S is no power of two (see crop_enlarge)
+            rows = resize_matrix(p.top, p.height, height, self.size).div_(255.0)  # NxSxH, ToTensor's /255 folded in
+            cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
+            x = crop_resize(images, rows, cols)
         color_jitter(x, p.jitter, p.order, p.factors)
         blurred = p.blur.nonzero().squeeze(1)
         if len(blurred):  # before the grayscale (pretrain_transform blurs after it): both are linear and the blur
@@ -593,6 +596,28 @@ def crop_resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
     n, c, height, width = images.shape
     x = torch.bmm(images.float().view(n, c * height, width), cols.transpose(1, 2))  # Nx(C*H)xS
     return torch.matmul(rows.unsqueeze(1), x.view(n, c, height, -1))  # NxCxSxS
+
+
+def crop_enlarge(images: torch.Tensor, p: ViewParams, size: int) -> torch.Tensor:
+    """crop_resize's result (NxCxSxS, S = size, pixel values as given) when no crop is larger than S: the
+    antialiased filter then is plain bilinear, the triangle of half-width 1 at u = (o + 0.5) * scale - 0.5 crop
+    pixels, cut to the crop and renormalised, i.e. u clamped to [0, length - 1] (torch's interpolate, which
+    torchvision's resized_crop calls, clamps the same way). grid_sample does that in one pass over the output,
+    ~1.5x faster on a CPU than building the matrices and the two products (measured); flips mirror u.
+    Only for S a power of two: grid_sample's [-1, 1] coordinates go through (g + 1) * S / 2, which is exact then
+    but otherwise shifts u by up to ~S * 1.2e-7 pixels (1.1e-5 in pixel value at 96 px, measured)."""
+    n, _, height, width = images.shape
+
+    def coordinates(start, length, in_size, flip=None):  # NxS, in grid_sample's [-1, 1] (align_corners=False)
+        u = (torch.arange(size, device=images.device) + 0.5) * (length.float().view(-1, 1) / size) - 0.5
+        u = torch.minimum(u.clamp_(min=0.0), (length - 1).float().view(-1, 1)).add_(start.view(-1, 1))
+        if flip is not None:
+            u = torch.where(flip.view(-1, 1), u.flip(1), u)
+        return u.add_(0.5).mul_(2.0 / in_size).sub_(1.0)
+
+    rows, cols = coordinates(p.top, p.height, height), coordinates(p.left, p.width, width, p.flip)
+    grid = torch.stack(torch.broadcast_tensors(cols.view(n, 1, size), rows.view(n, size, 1)), dim=-1)  # NxSxSx2
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

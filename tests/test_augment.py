@@ -117,6 +117,28 @@ def test_crop_and_resize_equal_torchvision_resized_crop_and_hflip(stored, out):
         torch.testing.assert_close(ours[i], TF.hflip(ref) if p.flip[i] else ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("stored, out", [(32, 32), (64, 64), (20, 32)])
+def test_enlarging_crops_by_grid_sample_equal_torchvision_resized_crop_and_hflip(stored, out):
+    """apply()'s path when no crop is larger than the output (stored <= out, out a power of two): bilinear,
+    clamped to the crop."""
+    x, p = images(64, stored), common.DeviceAugment(out, MEAN, STD).params(seeds(64), stored, stored)
+    ours = common.crop_enlarge(x, p, out) / 255
+    assert ours.shape == (64, 3, out, out)
+    for i in range(64):
+        ref = TF.resized_crop(x[i].float() / 255, int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
+                              [out, out], antialias=True)
+        torch.testing.assert_close(ours[i], TF.hflip(ref) if p.flip[i] else ref, atol=1e-5, rtol=0)
+
+
+def test_whole_view_of_shrinking_crops_equals_torchvision_ops():
+    """Stored 80 px, views of 32 px: apply() takes the antialiased matrix path."""
+    n, stored, side = 24, 80, 32
+    augment, x, s = common.DeviceAugment(side, MEAN, STD), images(n, stored), seeds(n)
+    p = augment.params(s, stored, stored)
+    ours = augment(x, s)
+    for i in range(n):
+        torch.testing.assert_close(ours[i], reference_view(x[i], p, i, side, augment.blur_kernel), atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("op", range(4))
 def test_each_jitter_op_equals_torchvision(op):
     """One op with its factor, the three others at their identity factors (1, 1, 1, hue 0: rounding only)."""
