@@ -142,6 +142,10 @@ class Config:
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
     image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
     workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
+    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
+                                    "augments each batch on the training device (falls back to cpu when they do "
+                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
+                          choices=common.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -179,12 +183,17 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
     # run
     seed: int = option(0, "random seed (model init, bank images, data order, augmentations)", check=NON_NEGATIVE)
+    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
+                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.SWITCH_CHOICES)
     out_dir: str = option("runs/adco", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
                             check=NON_NEGATIVE)
-    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
     knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
     checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
                                              "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
@@ -261,7 +270,7 @@ class AdCo(nn.Module):
 
 @torch.no_grad()
 def initial_bank(encoder_k: nn.Module, dataset, transform, size: int, global_batch: int, workers: int,
-                 device: torch.device, seed: int) -> torch.Tensor:
+                 device: torch.device, seed: int, precision: str = "auto") -> torch.Tensor:
     """Line 0 (Sec. 5.1): the adversaries start as the untrained key encoder's outputs on `size` random training
     images, one augmented view each. Returns n: KxC, normalized, the same on every rank and for any number of ranks.
 
@@ -280,7 +289,7 @@ def initial_bank(encoder_k: nn.Module, dataset, transform, size: int, global_bat
     encoder = copy.deepcopy(encoder_k).train()
     keys = []
     for x, _ in loader:
-        with common.autocast(device):
+        with common.autocast(device, precision):
             keys.append(common.concat_all_gather(F.normalize(encoder(common.to_device(x, device)).float(), dim=1)))
     return torch.cat(keys)[:size]  # n: KxC
 
@@ -317,8 +326,9 @@ def make_optimizers(model: AdCo) -> tuple[torch.optim.Optimizer, torch.optim.Opt
 
 def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
                bank_optimizer: torch.optim.Optimizer, views: list[torch.Tensor], step: int,
-               total_steps: int) -> dict[str, float]:
-    """One step of both players (lines 1-8) at a global step; returns what gets logged."""
+               total_steps: int) -> dict:
+    """One step of both players (lines 1-8) at a global step; returns what gets logged, as device tensors where
+    they come from the step (read on the host only at log steps)."""
     cfg = model.cfg
     lr = common.cosine_lr(step, total_steps, cfg.lr)
     mem_lr = common.cosine_lr(step, total_steps, cfg.mem_lr)  # the adversaries' own schedule
@@ -326,7 +336,7 @@ def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
         group["lr"] = lr
     for group in bank_optimizer.param_groups:
         group["lr"] = mem_lr
-    with common.autocast(views[0].device):
+    with common.autocast(views[0].device, cfg.precision):
         loss, objective, q = ddp_model(views)  # lines 1-5
     with torch.no_grad():  # "tracking" (Sec. 3.3): how close each new query is to its nearest adversary
         nearest = (q @ F.normalize(model.bank, dim=1).T).max(dim=1).values  # nearest: N
@@ -341,11 +351,9 @@ def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
         with torch.no_grad():
             model.bank.copy_(F.normalize(model.bank, dim=1))
     common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 8
-    return {"loss": common.all_reduce_mean(loss.detach()).item(),
-            "adv_loss": common.all_reduce_mean(objective.detach()).item(),
-            "nearest_sim_mean": common.all_reduce_mean(nearest.mean()).item(),
-            "nearest_sim_max": all_reduce_max(nearest.max()).item(),
-            "bank_norm": model.bank.detach().norm(dim=1).mean().item(), "lr": lr, "mem_lr": mem_lr}
+    return {"loss": common.all_reduce_mean(loss.detach()), "adv_loss": common.all_reduce_mean(objective.detach()),
+            "nearest_sim_mean": common.all_reduce_mean(nearest.mean()), "nearest_sim_max": all_reduce_max(nearest.max()),
+            "bank_norm": model.bank.detach().norm(dim=1).mean(), "lr": lr, "mem_lr": mem_lr}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
     model = AdCo(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
-    if device.type == "cuda":
+    channels_last = common.channels_last(cfg.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, bank_optimizer = make_optimizers(model)
     step = 0
@@ -394,38 +403,46 @@ def main(argv: list[str] | None = None) -> None:
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     if not cfg.resume:  # line 0, from a private generator: the global RNG stays as a resumed run would find it
         model.bank.data.copy_(initial_bank(model.encoder_k, data.pretrain, augment, cfg.bank_size, cfg.batch_size,
-                                           cfg.workers, device, cfg.seed))
-    crops = multi_crop_views(data.image_size, data.mean, data.std) if cfg.multi_crop else \
-        common.MultiView([augment, augment])
+                                           cfg.workers, device, cfg.seed, cfg.precision))
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = common.make_loader(common.AugmentedViews(data.pretrain, crops),
-                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    if cfg.multi_crop:  # six crops of five sizes and their own scale ranges: the PIL path makes them
+        if cfg.augment == "device" and common.is_main():
+            print("note: --multi-crop makes its crops with PIL in the loader processes (--augment cpu)")
+        loader = common.make_loader(common.AugmentedViews(data.pretrain, multi_crop_views(data.image_size, data.mean,
+                                                                                          data.std)),
+                                    cfg.batch_size // common.world_size(), cfg.workers, device, sampler,
+                                    persistent=True)
+    else:
+        loader = common.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
+                                         cfg.workers, device)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
+    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
         tic, images = time.perf_counter(), 0
         for views, _ in loader:
-            stats = train_step(model, ddp_model, optimizer, bank_optimizer, common.to_device(views, device), step,
-                               total_steps)
+            stats = train_step(model, ddp_model, optimizer, bank_optimizer,
+                               common.to_device(views, device, channels_last), step, total_steps)
             step += 1
-            run.check_finite(stats["loss"], step)
+            metrics.add(step, stats)
             images += cfg.batch_size
             progress.update()
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", adv=f"{stats['adv_loss']:.3f}",
-                                 near=f"{stats['nearest_sim_mean']:.2f}")
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0 or step == last_step:
+                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
+                progress.set_postfix(loss=f"{stats['loss']:.3f}", adv=f"{stats['adv_loss']:.3f}",
+                                     near=f"{stats['nearest_sim_mean']:.2f}")
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
             if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
+        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):

@@ -230,7 +230,8 @@ def test_resume_continues_exactly(tmp_path):
            [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
 
 
-@pytest.mark.parametrize("variant", [["--symmetric", "--adv-loss", "J"], ["--multi-crop"]])
+@pytest.mark.parametrize("variant", [["--symmetric", "--adv-loss", "J"], ["--multi-crop"], ["--augment", "cpu"],
+                                     ["--precision", "bf16", "--channels-last", "on"]])  # GPU settings on the CPU
 def test_variants_train(tmp_path, variant):
     adco.main([*SMALL_RUN, "--batch-size", "16", "--max-steps", "2", "--out-dir", str(tmp_path), *variant])
     records = read_metrics(tmp_path)
