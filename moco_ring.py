@@ -75,6 +75,14 @@ Results measured (2-core CPU, no GPU, torch 2.14.1; README.md has every command)
   22.0 / 21.9, IRing without annealing 24.5 / 24.0, all below the random-init encoder (30.9): in two epochs IR is
   still starting up (epoch 1 contrasts random bank entries), so the paper's ordering is not reproduced at this
   scale; figures/moco_ring_curves.png and README.md have the commands.
+- IRing given epochs: the first 128 JPEGs per class (1,280 images), 20 epochs of batch 128 (the bank refreshed 20
+  times, positives 10 steps old), ring annealed over epochs 1-10, kNN (k 20, bank the 1,280 images, 1,000 test
+  images), seeds 0-2, mean +- std after epoch 20: random init 31.2 +- 1.4, IR 25.6 +- 0.6, IRing annealed
+  25.8 +- 0.6, IRing without annealing 24.8 +- 1.7. Still all below random init (every run, by 3.6-8.9 points); the
+  three methods are within seed noise of each other. The projection head's outputs stay in a narrow cone (the
+  bank's mean pairwise cosine after 20 epochs, seed 0: 0.995-0.999; IR's loss within 0.05 of log(4097) from step
+  40 on): the loss has almost nothing to discriminate with. test_iring_learns_on_real_images (slow, strict
+  xfail) holds the protocol; README.md has the commands.
 - Step throughput, small CNN, batch 256, K 4096 (python benchmark.py ring --steps 20): MoCo v2 845 images/s,
   MoCoRing 817, x0.966.
 - Not yet measured: CIFAR-10/100, STL-10 ResNet-18 runs of the paper's length (need a GPU). The paper's Table 1
