@@ -349,6 +349,10 @@ class Config:
     data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
     image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
     workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
+    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
+                                    "augments each batch on the training device (falls back to cpu when they do "
+                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
+                          choices=common.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -397,12 +401,17 @@ class Config:
     cosine: bool = option(False, "cosine-decay the learning rate to 0 (the paper's CIFAR/STL recipe keeps it)")
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)", check=NON_NEGATIVE)
+    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
+                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.SWITCH_CHOICES)
     out_dir: str = option("runs/mmcl", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
                             check=NON_NEGATIVE)
-    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
     knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
     checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
                                              "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
@@ -463,21 +472,22 @@ class MMCL(nn.Module):
 
 
 def train_step(model: MMCL, ddp_model: nn.Module, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
-               step: int, steps_per_epoch: int, total_steps: int) -> dict[str, float]:
-    """One step of Algorithm 1 at a global step; returns what gets logged."""
+               step: int, steps_per_epoch: int, total_steps: int) -> dict:
+    """One step of Algorithm 1 at a global step; returns what gets logged, the loss and the solver's figures as
+    device tensors (read on the host only at log steps)."""
     cfg = model.cfg
     lr = common.cosine_lr(step, total_steps, cfg.lr) if cfg.cosine else cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     sigma2 = sigma2_at(step, steps_per_epoch, cfg.sigma2, parse_milestones(cfg.sigma_milestones), cfg.sigma_decay)
-    with common.autocast(views[0].device):
+    with common.autocast(views[0].device, cfg.precision):
         loss, solver = ddp_model(views, sigma2)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # line 9
     optimizer.step()
     names = [k for k in ("sv_frac", "bound_frac", "pgd_iters") if k in solver]
     # One all-reduce for everything logged; every rank has as many anchors, so the mean is the global batch's.
-    values = common.all_reduce_mean(torch.stack([loss.detach(), *(solver[k] for k in names)])).tolist()
+    values = common.all_reduce_mean(torch.stack([loss.detach(), *(solver[k] for k in names)]))
     stats = {"loss": values[0], "lr": lr, **dict(zip(names, values[1:]))}
     if cfg.loss == "mmcl":
         stats["sigma2"] = sigma2
@@ -513,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and PGD starts
     model = MMCL(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
-    if device.type == "cuda":
+    channels_last = common.channels_last(cfg.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -528,35 +539,36 @@ def main(argv: list[str] | None = None) -> None:
                  if common.world_size() > 1 else model)
     run = common.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume), step=step)
 
-    augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = common.make_loader(common.AugmentedViews(data.pretrain, common.MultiView([augment, augment])),
-                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+    loader = common.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
+                                     cfg.workers, device)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
+    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch)
         tic, images = time.perf_counter(), 0
         for views, _ in loader:
-            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device), step, steps_per_epoch,
-                               total_steps)
+            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device, channels_last), step,
+                               steps_per_epoch, total_steps)
             step += 1
-            run.check_finite(stats["loss"], step)
+            metrics.add(step, stats)
             images += cfg.batch_size
             progress.update()
-            progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("loss", "sv_frac") if k in stats})
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0 or step == last_step:
+                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
+                progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("loss", "sv_frac") if k in stats})
                 run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
                 tic, images = time.perf_counter(), 0
             if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
+        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):

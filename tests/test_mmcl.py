@@ -441,6 +441,16 @@ def test_resume_continues_exactly(tmp_path, one_thread):
            [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
 
 
+@pytest.mark.parametrize("flags", [["--augment", "cpu"], ["--precision", "bf16", "--channels-last", "on"]])
+def test_data_paths_and_gpu_settings_run_on_the_cpu(tmp_path, flags):  # issue 13: every path executes in CI
+    mmcl.main(["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "16", "--max-steps", "2",
+               "--epochs", "1", "--knn-bank-size", "64", "--knn-test-size", "32", "--log-every", "1",
+               "--out-dir", str(tmp_path), *flags])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
 @needs_cifar
 def test_short_cpu_runs_of_mmcl_and_simclr_learn_on_real_images(tmp_path):
     """kNN top-1 on CIFAR-10 JPEGs (16 px, for speed) after 80 steps of MMCL and of SimCLR, trained side by side on
