@@ -265,8 +265,8 @@ def test_short_cpu_run_learns_on_real_images(tmp_path, untrained_knn):
     annealed over the first epoch, so the second trains on the 90-99 ring itself: w_l 0 -> 90 with w_u at 99 (the
     text of Sec. 4), the setting measured on the 2-core CPU: 30.9% -> 37.9% (75 s idle; 776 s under load, same
     figures after the IRing changes). The default since, the public code's [0, 90] -> [90, 99], reached 34.7% in
-    one run at this budget, too close to the margin to test. IRing has no such test: its first epoch contrasts random bank entries, and 300 steps leave it
-    below random init (README, IRing table)."""
+    one run at this budget, too close to the margin to test. IRing's learning test is
+    test_iring_learns_on_real_images (slow, a strict xfail: at CPU scale it ends below random init)."""
     moco_ring.main([*LEARNING_RUN, "--no-anneal-upper", "--out-dir", str(tmp_path)])
     after = read_metrics(tmp_path)[-1]["knn_top1"]
     print(f"kNN top-1: random init {untrained_knn:.1f}%, after 300 steps {after:.1f}%")
