@@ -56,6 +56,7 @@ Run:
     python adco.py --symmetric                                     # Appendix A
     python adco.py --no-renormalize                                # the official code: |W| left to drift
     python adco.py --multi-crop                                    # Sec. 5.2.1
+    python adco.py --augment cpu                                   # PIL in loader workers (default: device)
     python adco.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 adco.py --batch-size 512           # 4 GPUs (global batch 512), or 4 CPU processes
     torchrun --nproc_per_node=8 adco.py --dataset folder --data-root imagenet --image-size 224 --arch resnet50 \\
@@ -352,8 +353,8 @@ def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
             model.bank.copy_(F.normalize(model.bank, dim=1))
     common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 8
     return {"loss": common.all_reduce_mean(loss.detach()), "adv_loss": common.all_reduce_mean(objective.detach()),
-            "nearest_sim_mean": common.all_reduce_mean(nearest.mean()), "nearest_sim_max": all_reduce_max(nearest.max()),
-            "bank_norm": model.bank.detach().norm(dim=1).mean(), "lr": lr, "mem_lr": mem_lr}
+            "nearest_sim_mean": common.all_reduce_mean(nearest.mean()),
+            "nearest_sim_max": all_reduce_max(nearest.max()), "bank_norm": model.bank.detach().norm(dim=1).mean(), "lr": lr, "mem_lr": mem_lr}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ Run:
     python mmcl.py --solver pgd                                    # MMCL-PGD (the public code's stopping rule)
     python mmcl.py --solver pgd --pgd-step 1e-3                    # ... with the paper's fixed step
     python mmcl.py --loss simclr                                   # the SimCLR baseline, same pipeline
+    python mmcl.py --augment cpu                                   # PIL in loader workers (default: device)
     python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 mmcl.py --batch-size 256           # 4 GPUs (global batch 256), or 4 CPU processes
     python common.py probe runs/mmcl/checkpoint.pt                 # linear probe of the saved backbone

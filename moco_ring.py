@@ -59,6 +59,7 @@ Run:
     python moco_ring.py --ring-lower 0 --ring-upper 100            # the MoCo v2 baseline
     python moco_ring.py --negatives bank                           # IRing (--ring-lower 0 --ring-upper 100: IR)
     python moco_ring.py --recipe paper                             # the paper's CIFAR settings (see above)
+    python moco_ring.py --augment cpu                              # PIL in loader workers (default: device)
     python moco_ring.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 moco_ring.py --batch-size 512      # 4 GPUs (global batch 512), or 4 CPU processes
     python common.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
@@ -137,7 +138,8 @@ def ring_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     if (lo, hi) != (0, num_entries):
         # Alg. 1 lines 5-7: sort each query's similarities and keep ranks [lo, hi) counted from the farthest. Only
         # the K-lo closest are needed, so a top-k (closest first) replaces the full sort: 31 vs 137 ms forward +
-        # backward for 256 x 4096 similarities at w_l = 90 on the 2-core CPU. Gradients flow back through `values` to the entries kept.
+        # backward for 256 x 4096 similarities at w_l = 90 on the 2-core CPU. Gradients flow back through `values`
+        # to the entries kept.
         closest_first = l_neg.topk(num_entries - lo, dim=1).values  # Nx(K-lo), descending similarity
         l_neg = closest_first[:, num_entries - hi:]  # l_neg: Nx(hi-lo), the ring
     # Line 8. The paper's listing writes logsumexp(ring) alone; Theorem 3.1's estimator (and the public code) keeps
