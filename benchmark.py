@@ -266,7 +266,7 @@ def bench_mmcl(args, device) -> list[dict]:
                 row["solver_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
                 label = f"solver peak {row['solver_peak_bytes'] / 2**20:.0f} MB"
             if cfg.solver == "pgd":
-                row["pgd_iters"] = last[name]["pgd_iters"]
+                row["pgd_iters"] = float(last[name]["pgd_iters"])  # train_step leaves it on the device
                 label += f", {row['pgd_iters']:.0f} it"
             row["variant"] = f"{name} ({label})"
         rows.append(row)
