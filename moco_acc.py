@@ -325,11 +325,18 @@ class Config:
     warmup_steps: int = option(500, "linear warm-up steps (Section 5: 500 iterations)", check=NON_NEGATIVE)
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)", check=NON_NEGATIVE)
+    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
+                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
+    # Only the image encoders take it (2-D convolutions): the audio encoder's kernels are 1-D, and the video
+    # encoder's 3-D convolutions would want torch.channels_last_3d, which common.to_device does not apply.
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.SWITCH_CHOICES)
     out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
-    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
     checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
                                              "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
     knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)",
@@ -467,11 +474,12 @@ def encode_samples(model: CMACC, dataset, indices: torch.Tensor, seeds: torch.Te
     mine = [pair for b in range(0, len(pairs), batch_size)
             for pair in pairs[b + common.rank() * local:b + (common.rank() + 1) * local]]
     keys, labels = {m: [] for m in MODALITIES}, {m: [] for m in MODALITIES}
+    channels_last = common.channels_last(model.cfg.channels_last, device)
     for views_v, views_a, label_v, label_a in common.make_loader(dataset, local, workers, device, mine):
         for m, views, label in (("v", views_v, label_v), ("a", views_a, label_a)):
-            with common.autocast(device):
-                keys[m].append(common.concat_all_gather(model.encode_keys(m, common.to_device(views[1], device),
-                                                                          shuffle_bn=False)))
+            with common.autocast(device, model.cfg.precision):
+                key_view = common.to_device(views[1], device, channels_last)
+                keys[m].append(common.concat_all_gather(model.encode_keys(m, key_view, shuffle_bn=False)))
             labels[m].append(common.concat_all_gather(label.to(device)))
     return ({m: torch.cat(keys[m]) for m in MODALITIES}, {m: torch.cat(labels[m]) for m in MODALITIES},
             indices.to(device))
@@ -498,21 +506,24 @@ def draw_items(num_items: int, size: int, *stream) -> tuple[torch.Tensor, torch.
 
 def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
                views: dict[str, list[torch.Tensor]], labels: dict[str, torch.Tensor], ids: torch.Tensor,
-               step: int) -> dict[str, float]:
-    """One step of Algorithm 2 (Algorithm 4 for --sampling random) at a global step; returns what gets logged.
-    ids: this process's M dataset indices (the same for both modalities: item i is a pair)."""
+               step: int, timed: bool = True) -> dict:
+    """One step of Algorithm 2 (Algorithm 4 for --sampling random) at a global step; returns what gets logged, the
+    losses and counts as device tensors (read on the host only at log steps). ids: this process's M dataset
+    indices (the same for both modalities: item i is a pair); labels: M per modality, on the CPU (-1 unknown).
+    timed: measure the split of the step (time_encode_s, time_sample_s, time_update_s), which on a GPU costs a
+    synchronisation at each of its four marks: the loop asks for it at log steps only, the steps it logs."""
     cfg, device = model.cfg, views["v"][0].device
     ids = ids.to(device)
     global_ids = common.concat_all_gather(ids)  # M: the whole batch, as the dictionaries hold global entries
     lr = learning_rate(step, cfg.warmup_steps, cfg.lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    tic = clock(device)
-    with common.autocast(device):
+    tic = clock(device, timed)
+    with common.autocast(device, cfg.precision):
         q, k = ddp_model(views)  # lines 11, 20, 29
-    encoded = clock(device)
+    encoded = clock(device, timed)
     chosen = None if cfg.sampling == "random" else model.sample_negatives(q, step, global_ids)  # lines 10-27
-    sampled = clock(device)
+    sampled = clock(device, timed)
     # Queries whose own partner sits in the dictionary they meet (masked out of the loss): logged, issue 11.
     own_partner = {m: torch.isin(ids, model.dictionary[model.partner[m]].ids).float().mean() for m in MODALITIES}
     with torch.autocast(device.type, enabled=False):  # line 30, Eq. (6), in fp32
@@ -529,21 +540,29 @@ def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimi
         chosen = {m: common.concat_all_gather(labels[m].to(device)) for m in MODALITIES}
         for m in MODALITIES:
             model.dictionary[m].enqueue(common.concat_all_gather(k[m]), global_ids)
-    updated = clock(device)
+    updated = clock(device, timed)
     # loss_v is the loss of the v queries (direction v -> a, or v -> v' with --unimodal), loss_a the other one.
-    stats = {f"loss_{m}": common.all_reduce_mean(losses[m].detach()).item() for m in MODALITIES}
-    stats.update({f"own_partner_{m}": common.all_reduce_mean(own_partner[m]).item() for m in MODALITIES})
-    stats.update(loss=stats["loss_v"] + stats["loss_a"], lr=lr, time_encode_s=encoded - tic,
-                 time_sample_s=sampled - encoded, time_update_s=updated - sampled)
+    stats = {f"loss_{m}": common.all_reduce_mean(losses[m].detach()) for m in MODALITIES}
+    stats.update({f"own_partner_{m}": common.all_reduce_mean(own_partner[m]) for m in MODALITIES})
+    stats.update(loss=stats["loss_v"].double() + stats["loss_a"].double(), lr=lr)  # float64, as the host summed
+    if timed:
+        stats.update(time_encode_s=encoded - tic, time_sample_s=sampled - encoded, time_update_s=updated - sampled)
     for m in MODALITIES:
-        if (chosen[m] >= 0).all():
+        if (labels[m] >= 0).all():  # a labelled dataset (on the CPU: no wait for the device); its pools are too
             # The paper's Figures 2 and 4: distinct classes among the M negatives enqueued this step, over M.
-            stats[f"neg_classes_{m}"] = chosen[m].unique().numel() / chosen[m].numel()
+            stats[f"neg_classes_{m}"] = distinct_fraction(chosen[m])
     return stats
 
 
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
+def distinct_fraction(labels: torch.Tensor) -> torch.Tensor:
+    """Distinct values among the labels (M) over M, as a float64 device tensor: unique() would wait for the device
+    to learn its output's size."""
+    ordered = labels.sort().values
+    return (1 + (ordered[1:] != ordered[:-1]).sum()).double() / ordered.numel()
+
+
+def clock(device: torch.device, sync: bool = True) -> float:
+    if sync and device.type == "cuda":
         torch.cuda.synchronize(device)  # the GPU runs ahead: time what it did, not what it was told
     return time.perf_counter()
 
@@ -586,6 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
     model = CMACC(cfg, data.kinds, data.in_channels, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1)
     model = model.to(device)
+    channels_last = common.channels_last(cfg.channels_last, device)
+    if channels_last:  # the image encoders only (see --channels-last); their 4-D inputs follow in common.to_device
+        for m, kind in zip(MODALITIES, data.kinds):
+            if kind == "image":
+                model.query[m].to(memory_format=torch.channels_last)
+                model.key[m].to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([*model.query.parameters(), *model.fc_query.parameters()], lr=cfg.lr)
     step = 0
     if cfg.resume:
@@ -601,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
-                                sampler)
+                                sampler, persistent=True)
     evaluate = common.PairKnn(data, cfg, device)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -612,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in MODALITIES:
             model.dictionary[m].enqueue(keys[m], ids)
 
-    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
+    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -627,19 +652,23 @@ def main(argv: list[str] | None = None) -> None:
                     model.pool[m].keys.copy_(keys[m])
                     model.pool[m].ids.copy_(ids)
                     model.pool[m].labels.copy_(labels[m])
-            views = {"v": common.to_device(views_v, device), "a": common.to_device(views_a, device)}
+            views = {"v": common.to_device(views_v, device, channels_last),
+                     "a": common.to_device(views_a, device, channels_last)}
+            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == last_step
             stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, batch_ids,
-                               step)
+                               step, timed=log_step)
             step += 1
-            run.check_finite(stats["loss"], step)
+            metrics.add(step, stats)
             pairs += cfg.batch_size
             progress.update()
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", sample_ms=f"{1000 * stats['time_sample_s']:.0f}")
-            if step % cfg.log_every == 0:
+            if log_step:
+                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
+                progress.set_postfix(loss=f"{stats['loss']:.3f}", sample_ms=f"{1000 * stats['time_sample_s']:.0f}")
                 run.log({"step": step, "epoch": epoch, **stats, "pairs_per_s": pairs / (time.perf_counter() - tic)})
                 tic, pairs = time.perf_counter(), 0
             if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
+        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):

@@ -19,11 +19,13 @@ needs_avmnist = pytest.mark.skipif(not (DATA / "mnist5k").is_dir() or not (DATA 
                                    reason="../shared/data/mnist5k or fsdd not found")
 needs_clips = pytest.mark.skipif(not AV_CLIPS.is_dir(), reason="../shared/data/av-clips not found")
 # Tiny runs: small encoders, M=8 pairs, K=16, N=32 (avmnist); 4-frame 32 px clips every 8 frames (avfolder: 71 clips).
+# --log-every 1: every step's losses in metrics.jsonl, the tests compare them.
 AVMNIST = ["--data-root", str(DATA), "--arch", "small", "--workers", "0", "--batch-size", "8", "--moco-k", "16",
-           "--pool-size", "32", "--warmup-steps", "5", "--knn-bank-size", "100", "--knn-test-size", "50"]
+           "--pool-size", "32", "--warmup-steps", "5", "--knn-bank-size", "100", "--knn-test-size", "50",
+           "--log-every", "1"]
 AVFOLDER = ["--dataset", "avfolder", "--data-root", str(AV_CLIPS), "--arch", "small", "--workers", "0",
             "--batch-size", "8", "--moco-k", "16", "--pool-size", "32", "--clip-frames", "4", "--clip-stride", "8",
-            "--frame-size", "32", "--warmup-steps", "5"]
+            "--frame-size", "32", "--warmup-steps", "5", "--log-every", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -327,6 +329,58 @@ def test_smoke(tmp_path, dataset, extra, nproc):
     assert ("neg_classes_v" in steps[0]) == (dataset == "avmnist")  # avfolder clips carry no labels
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and {k.split(".")[0] for k in state["backbone"]} == {"v", "a"}
+
+
+@pytest.mark.parametrize("dataset", [pytest.param("avmnist", marks=needs_avmnist),  # image + audio encoders
+                                     pytest.param("avfolder", marks=needs_clips)])  # video + audio encoders
+def test_gpu_settings_run_on_the_cpu(tmp_path, dataset):
+    # Issue 13: bf16 autocast and channels_last (taken by the image encoder only) run here as on a GPU.
+    moco_acc.main([*(AVMNIST if dataset == "avmnist" else AVFOLDER), "--max-steps", "2", "--knn-every", "0",
+                   "--bn-splits", "2", "--precision", "bf16", "--channels-last", "on", "--out-dir", str(tmp_path)])
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["loss_v"]) and math.isfinite(r["loss_a"]) for r in steps)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_logging_every_few_steps_keeps_the_numbers_and_names_the_step_a_nan_began(tmp_path, monkeypatch):
+    # Labelled pairs of random 8 px images, 4 steps per epoch. Records only at --log-every steps and the last, each
+    # with the numbers a --log-every 1 run writes for that step; a loss that turns NaN at step 5 stops the run at
+    # the next record (step 6) with the error naming step 5, and the checkpoint of step 4 is kept.
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index_and_seed):
+            i, seed = index_and_seed
+            views = images[i] + 0.1 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            return [views[0], views[1]], [views[2], views[3]], i % 3, i % 3
+
+    monkeypatch.setitem(moco_acc.DATASETS, "pairs", lambda cfg: common.PairData(Pairs(), ("image", "image"), (3, 3),
+                                                                                  3, {}))
+    args = ["--dataset", "pairs", "--arch", "small", "--workers", "0", "--batch-size", "8", "--moco-k", "8",
+            "--pool-size", "24", "--warmup-steps", "0", "--bn-splits", "2", "--epochs", "2", "--knn-every", "0",
+            "--sampling", "feature"]
+    moco_acc.main([*args, "--log-every", "1", "--out-dir", str(tmp_path / "every")])
+    moco_acc.main([*args, "--log-every", "3", "--out-dir", str(tmp_path / "few")])
+    every, few = ({r["step"]: r for r in read_metrics(tmp_path / d) if "loss" in r} for d in ("every", "few"))
+    assert sorted(every) == list(range(1, 9)) and sorted(few) == [3, 6, 8]
+    untimed = lambda record: {k: v for k, v in record.items() if not k.endswith("_s")}  # noqa: E731
+    assert all(untimed(few[step]) == untimed(every[step]) for step in few) and "neg_classes_v" in few[3]
+
+    real_loss, calls = moco_acc.contrastive_loss, []
+
+    def nan_from_step_5(*loss_args, **kwargs):  # called twice per step, once per modality
+        calls.append(1)
+        return real_loss(*loss_args, **kwargs) * (float("nan") if len(calls) > 8 else 1.0)
+
+    monkeypatch.setattr(moco_acc, "contrastive_loss", nan_from_step_5)
+    with pytest.raises(SystemExit, match=r"^error: the loss is nan at step 5: training diverged"):
+        moco_acc.main([*args, "--log-every", "3", "--out-dir", str(tmp_path / "nan")])
+    assert [r["step"] for r in read_metrics(tmp_path / "nan") if "loss" in r] == [3]
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 @needs_clips
