@@ -84,6 +84,7 @@ Run:
         --moco-m 0.99 --warmup-steps 50 --epochs 20 --workers 2          # avmnist on a laptop CPU
     python moco_acc.py --data-root ../shared/data --sampling random ...  # XMoCo (same flags)
     python moco_acc.py --data-root ../shared/data --pool-every 25 ...     # fresher pools (see above)
+    python moco_acc.py --data-root ../shared/data --log-every 1 ...       # every step in metrics.jsonl (default 10)
     python moco_acc.py --dataset avfolder --data-root ../shared/data/av-clips --batch-size 16 --moco-k 32 \\
         --pool-size 64 --clip-stride 8 --bn-splits 2                     # r3d_18 + audio ResNet-18, one GPU
     torchrun --nproc_per_node=8 moco_acc.py --dataset avfolder --data-root /data/kinetics-av   # paper settings
