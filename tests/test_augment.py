@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -337,6 +338,25 @@ def test_loader_resumes_mid_epoch_and_two_ranks_see_the_one_process_batch(monkey
             torch.testing.assert_close(torch.cat([v0[v], v1[v]]), views[v], atol=1e-6, rtol=0)
     labelled, _ = loader_batches(memory, monkeypatch, 1, 0, yield_index=False)
     assert torch.equal(labelled[0][1], full[0][1] % 3)
+
+
+def test_prefetching_loader_yields_the_one_thread_batches_and_passes_errors_on():
+    memory = common.ImagesInMemory(images(40, 16), torch.arange(40) % 3)
+    sampler = common.EpochSampler(40, 8, seed=5)
+    loader = common.DeviceViewLoader(memory, common.DeviceAugment(16, MEAN, STD), 2, sampler, 8)
+    for (views, labels), (views_1, labels_1) in zip(loader, loader._batches(), strict=True):
+        assert torch.equal(labels, labels_1) and all(torch.equal(a, b) for a, b in zip(views, views_1))
+    batches = iter(loader)  # a loop that stops early (--max-steps) leaves no thread running once it lets go
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+
+    class Failing(common.DeviceAugment):
+        def views(self, images, seeds, num_views):
+            raise common.DataError("made in the background thread")
+
+    with pytest.raises(common.DataError, match="background thread"):
+        next(iter(common.DeviceViewLoader(memory, Failing(16, MEAN, STD), 2, sampler, 8)))
 
 
 def test_step_metrics_log_exact_values_and_name_the_first_nonfinite_step():
