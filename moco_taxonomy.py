@@ -44,7 +44,9 @@ Where the paper and its public code (serre-lab/ssl_actionrec, modules/moco_td.py
   the same sequence of updates shifted by one step.
 - Defaults are the public code's N-UCLA config: GRU 1 x 512, linear projection to 128, Adam 1e-3 (constant, so
   there is no schedule), gradient norm clipped at 25, batch 32, K 1024, K_D 640, m 0.999, t 0.1, w_1 = w_2 = 1.
-- fp32 throughout, also on GPU: the recurrent nets are small, and I could not check bf16 cuDNN RNNs here.
+- fp32 by default, also on a GPU (--precision fp32): the recurrent nets are small, and bf16 cuDNN RNNs have not
+  run on a GPU here. --precision bf16 (or auto: bf16 on a GPU) autocasts encoder and decoder, the losses stay fp32;
+  it runs on the CPU in the tests. Metrics are read from the device every --log-every steps (default 10).
 
 Data (--dataset npz --data-root DIR): DIR/train.npz and DIR/test.npz, each with `sequences` float32 (N, T, J, 3),
 joint coordinates (x, y, z) per frame, and `labels` int64 (N,) in 0..C-1. NTU RGB+D and N-UCLA cannot be
@@ -59,6 +61,7 @@ batch_first=True) (nn.LSTM for --cell lstm), and h is its output at the last fra
 Run:
     python moco_taxonomy.py                                        # synthetic motions, L_AE + L_CE + L_AD (best row)
     python moco_taxonomy.py --objectives ce cd                     # any row of Table 1
+    python moco_taxonomy.py --precision bf16 --log-every 1         # bf16 autocast (losses fp32), every step logged
     python moco_taxonomy.py --dataset npz --data-root data/ucla --frames 50       # your own arrays
     python moco_taxonomy.py taxonomy --epochs 20 --out-dir runs/taxonomy          # all 15 rows, prints the table
     torchrun --nproc_per_node=4 moco_taxonomy.py --batch-size 128  # 4 GPUs (global batch 128), or 4 CPU processes
@@ -409,11 +412,16 @@ class Config:
     grad_clip: float = option(25.0, "clip the gradient norm at this value (0: no clipping)", check=NON_NEGATIVE)
     # run
     seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
+    # Default fp32, not auto: these recurrent nets are small, and bf16 cuDNN RNNs have not run on a GPU here (bf16
+    # runs on the CPU in the tests). No --channels-last: nothing here convolves (NxTxJx3 joints into GRU/LSTM).
+    precision: str = option("fp32", "autocast of the encoder and decoder: 'bf16' or 'fp32' (losses stay fp32); "
+                                    "auto: bf16 on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
     out_dir: str = option("runs/moco_taxonomy", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")
     max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
-    log_every: int = option(1, "steps between metrics.jsonl records", check=at_least(1))
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
     checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
                                              "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
     knn_every: int = option(10, "epochs between evaluations (0: only at the end)", check=NON_NEGATIVE)
@@ -445,7 +453,7 @@ class SequenceEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states, _ = self.rnn(x.flatten(2))  # states: NxTxH
         h = states[:, -1]  # h: NxH
-        return h, F.normalize(self.head(h), dim=1)
+        return h, F.normalize(self.head(h).float(), dim=1)
 
 
 class SequenceDecoder(nn.Module):
@@ -479,7 +487,8 @@ class TaxonomyMoCo(nn.Module):
 
     def forward(self, x: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor):
         """x, x1, x2: NxTxJx3 (the sequence and its two views). Returns the loss (line 11), its terms, the batch
-        variance of the queries, and what to enqueue: keys (NxC) and decoded keys (NxD), None when unused."""
+        variance of the queries, and what to enqueue: keys (NxC) and decoded keys (NxD), None when unused.
+        The networks run under the caller's autocast (--precision); their outputs are cast to fp32 for the losses."""
         use = self.objectives
         parts, keys, decoded_keys = {}, None, None
         # Every row encodes the queries: L_CE and L_AE compare q, L_CD decodes h_q, and with L_AD alone q still
@@ -490,28 +499,34 @@ class TaxonomyMoCo(nn.Module):
                 h_k, k = self.encoder_k(x2)  # k: NxC, line 4
         if use & {"ae", "ad"}:
             h_gt, z_gt = self.encoder_q(x)  # z_gt: NxC, line 2
-        if "ce" in use:
-            parts["ce"], keys = contrastive_loss(q, k, self.queue.keys, self.cfg.moco_t), k  # line 6
-        if "ae" in use:
-            parts["ae"] = attractive_encoder_loss(q, z_gt)  # line 7
         if "ad" in use:
-            parts["ad"] = attractive_decoder_loss(self.decoder_q(h_gt), x)  # lines 5, 8
+            x_rec = self.decoder_q(h_gt).float()  # x_rec: NxTxJx3, line 5
         if "cd" in use:
-            d_q = F.normalize(self.decoder_q(h_q).flatten(1), dim=1)  # d_q: NxD, line 9
+            d_q = F.normalize(self.decoder_q(h_q).flatten(1).float(), dim=1)  # d_q: NxD, line 9
             with torch.no_grad():
-                decoded_keys = F.normalize(self.decoder_k(h_k).flatten(1), dim=1)  # d_k: NxD
-            parts["cd"] = contrastive_loss(d_q, decoded_keys, self.queue_dec.keys, self.cfg.moco_t)  # line 10
-        # Total variance of unit vectors, 1 - |mean q|^2: 0 when every query is the same point (collapse).
-        q_var = 1.0 - q.detach().mean(dim=0).pow(2).sum()
-        return total_loss(parts, self.cfg.w1, self.cfg.w2), parts, q_var, keys, decoded_keys
+                decoded_keys = F.normalize(self.decoder_k(h_k).flatten(1).float(), dim=1)  # d_k: NxD
+        with torch.autocast(x.device.type, enabled=False):  # the losses in fp32
+            if "ce" in use:
+                parts["ce"], keys = contrastive_loss(q, k, self.queue.keys, self.cfg.moco_t), k  # line 6
+            if "ae" in use:
+                parts["ae"] = attractive_encoder_loss(q, z_gt)  # line 7
+            if "ad" in use:
+                parts["ad"] = attractive_decoder_loss(x_rec, x)  # line 8
+            if "cd" in use:
+                parts["cd"] = contrastive_loss(d_q, decoded_keys, self.queue_dec.keys, self.cfg.moco_t)  # line 10
+            # Total variance of unit vectors, 1 - |mean q|^2: 0 when every query is the same point (collapse).
+            q_var = 1.0 - q.detach().mean(dim=0).pow(2).sum()
+            return total_loss(parts, self.cfg.w1, self.cfg.w2), parts, q_var, keys, decoded_keys
 
 
 def train_step(model: TaxonomyMoCo, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
-               views: list[torch.Tensor]) -> dict[str, float]:
-    """One step of Algorithm 1; returns what gets logged. (Nothing depends on the step: the learning rate and the
-    momentum are constant, as in the public code.)"""
+               views: list[torch.Tensor]) -> dict:
+    """One step of Algorithm 1; returns what gets logged, the losses, variance and gradient norm as device tensors
+    (read on the host only at log steps). (Nothing depends on the step: the learning rate and the momentum are
+    constant, as in the public code.)"""
     cfg = model.cfg
-    loss, parts, q_var, keys, decoded_keys = ddp_model(*views)  # lines 1-11
+    with common.autocast(views[0].device, cfg.precision):
+        loss, parts, q_var, keys, decoded_keys = ddp_model(*views)  # lines 1-11
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # line 12
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -526,8 +541,8 @@ def train_step(model: TaxonomyMoCo, ddp_model: nn.Module, optimizer: torch.optim
     if decoded_keys is not None:
         model.queue_dec.enqueue(common.concat_all_gather(decoded_keys))
     stats = {"loss": loss.detach(), "q_var": q_var, **{f"loss_{name}": v.detach() for name, v in parts.items()}}
-    return {**{name: common.all_reduce_mean(v).item() for name, v in stats.items()},
-            "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+    return {**{name: common.all_reduce_mean(v) for name, v in stats.items()},
+            "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -610,12 +625,12 @@ def main(argv: list[str] | None = None) -> None:
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(SkeletonViews(data.train, data.train_labels, cfg),
-                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler)
+                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler, persistent=True)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer = common.CheckpointTimer(cfg.checkpoint_minutes, device)
+    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -624,16 +639,18 @@ def main(argv: list[str] | None = None) -> None:
         for views, _ in loader:
             stats = train_step(model, ddp_model, optimizer, [v.to(device, non_blocking=True) for v in views])
             step += 1
-            run.check_finite(stats["loss"], step)
+            metrics.add(step, stats)
             sequences += cfg.batch_size
             progress.update()
-            progress.set_postfix(loss=f"{stats['loss']:.3f}", q_var=f"{stats['q_var']:.3f}")
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0 or step == last_step:
+                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
+                progress.set_postfix(loss=f"{stats['loss']:.3f}", q_var=f"{stats['q_var']:.3f}")
                 rate = sequences / (time.perf_counter() - tic)
                 run.log({"step": step, "epoch": epoch, **stats, "sequences_per_s": rate})
                 tic, sequences = time.perf_counter(), 0
             if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
                 break
+        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
         common.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):

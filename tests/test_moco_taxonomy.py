@@ -241,6 +241,51 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
         torch.testing.assert_close(saved[0][key], saved[1][key], atol=1e-5, rtol=0)
 
 
+def test_bf16_autocast_runs_on_the_cpu_with_the_losses_in_fp32(tmp_path):
+    # Issue 13: --precision bf16 (the GPU setting) runs the recurrent nets in bf16 here too; the losses stay fp32.
+    cfg = common.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
+    common.seed_everything(0)
+    model = mt.TaxonomyMoCo(cfg, joints=15, frames=16)
+    x, x1, x2 = (randn(8, 16, 15, 3, seed=s) for s in range(3))
+    fp32_loss, fp32_parts, *_ = model(x, x1, x2)
+    with common.autocast(torch.device("cpu"), "bf16"):
+        assert model.decoder_q(model.encoder_q(x)[0]).dtype == torch.bfloat16  # the networks do run in bf16
+        loss, parts, *_ = model(x, x1, x2)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    assert loss.item() == pytest.approx(fp32_loss.item(), rel=0.05) and loss.item() != fp32_loss.item()
+    for cell in ("gru", "lstm"):  # the script end to end, 2 steps
+        mt.main([*TINY, "--cell", cell, "--objectives", "ae", "ce", "ad", "cd", "--max-steps", "2", "--precision",
+                 "bf16", "--out-dir", str(tmp_path / cell)])
+        records = [r for r in read_metrics(tmp_path / cell) if "loss" in r]
+        assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+        assert torch.load(tmp_path / cell / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_logging_every_few_steps_keeps_the_numbers_and_names_the_step_a_nan_began(tmp_path, monkeypatch):
+    # 12 steps per epoch. Records only at --log-every steps and the last, each with the numbers a --log-every 1 run
+    # writes for that step; a loss that turns NaN at step 14 stops the run at the next record (step 15), the error
+    # naming step 14, and the checkpoint of step 12 is kept.
+    args = [*TINY, "--objectives", "ae", "ce", "ad", "--epochs", "2", "--max-steps", "16"]
+    mt.main([*args, "--out-dir", str(tmp_path / "every")])
+    mt.main([*args, "--log-every", "5", "--out-dir", str(tmp_path / "few")])
+    every, few = ({r["step"]: r for r in read_metrics(tmp_path / d) if "loss" in r} for d in ("every", "few"))
+    assert sorted(every) == list(range(1, 17)) and sorted(few) == [5, 10, 15, 16]
+    rateless = lambda record: {k: v for k, v in record.items() if k != "sequences_per_s"}  # noqa: E731
+    assert all(rateless(few[step]) == rateless(every[step]) for step in few)
+
+    real_loss, calls = mt.attractive_encoder_loss, []
+
+    def nan_from_step_14(*loss_args):
+        calls.append(1)
+        return real_loss(*loss_args) * (float("nan") if len(calls) >= 14 else 1.0)
+
+    monkeypatch.setattr(mt, "attractive_encoder_loss", nan_from_step_14)
+    with pytest.raises(SystemExit, match=r"^error: the loss is nan at step 14: training diverged"):
+        mt.main([*args, "--log-every", "5", "--out-dir", str(tmp_path / "nan")])
+    assert [r["step"] for r in read_metrics(tmp_path / "nan") if "loss" in r] == [5, 10]
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 12
+
+
 def test_resume_continues_exactly(tmp_path):
     args = [*TINY, "--objectives", "ae", "ce", "ad", "cd", "--epochs", "3"]
     # 200 sequences / 16 = 12 steps per epoch: stop at 10, resume across the epoch boundary to 16

@@ -15,7 +15,7 @@ from conftest import CIFAR_JPG, ROOT, error_line, needs_cifar, read_metrics, run
 
 TAXONOMY = ["moco_taxonomy.py", "--synthetic-size", "200", "--frames", "16", "--width", "32", "--dim", "16",
             "--batch-size", "16", "--moco-k", "64", "--moco-k-dec", "32", "--probe-epochs", "0", "--knn-every", "0",
-            "--epochs", "40", "--max-steps", "60"]  # 12 steps per epoch
+            "--epochs", "40", "--max-steps", "60", "--log-every", "1"]  # 12 steps per epoch; every step logged
 
 
 def start(command: list[str], out_dir: Path) -> subprocess.Popen:
