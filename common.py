@@ -810,8 +810,11 @@ class DeviceViewLoader:
     def __iter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        batches = self._batches()
-        with ThreadPoolExecutor(max_workers=1) as prefetcher:  # torch ops release the GIL: a real second thread
+        batches, device = self._batches(), self.memory.images.device
+        # torch ops release the GIL: a real second thread. On a GPU it takes the data's device as its current one, so
+        # that under torchrun it never opens a context on GPU 0 (a new thread starts there).
+        with ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device.type == "cuda" else None,
+                                initargs=(device,)) as prefetcher:
             upcoming = prefetcher.submit(next, batches, None)
             while (batch := upcoming.result()) is not None:  # re-raises what the thread raised
                 upcoming = prefetcher.submit(next, batches, None)
