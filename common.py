@@ -1726,8 +1726,10 @@ def load_checkpoint(path: str, script: str | None = None, config: dict | None = 
     if script is not None and state["script"] != script:
         fail(f"{path} was written by {state['script']}.py, not {script}.py")
     if config is not None:
-        changed = sorted(k for k in set(config) | set(state["config"])
-                         if not same_setting(k, config.get(k), state["config"].get(k)))
+        # A setting the checkpoint does not name was added to the script after it was written (e.g. --precision):
+        # the checkpoint says nothing about it, so the given value stands and older runs continue after an update.
+        # One it names that the script no longer has is refused (the run cannot go on as it was).
+        changed = sorted(k for k in state["config"] if not same_setting(k, config.get(k), state["config"][k]))
         if changed:
             diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in changed)
             fail(f"cannot resume {path} with a different config ({diffs})")

@@ -202,6 +202,10 @@ def test_checkpoint_is_written_atomically_and_refused_when_foreign(tmp_path):
     assert state["step"] == 7 and torch.equal(state["model"]["weight"], model.weight)
     with pytest.raises(SystemExit, match="different config"):
         common.load_checkpoint(str(path), "moco_ring", {"lr": 0.2})
+    # settings added to the script after the checkpoint was written take the given value; removed ones are refused
+    assert common.load_checkpoint(str(path), "moco_ring", {"lr": 0.1, "precision": "bf16"})["step"] == 7
+    with pytest.raises(SystemExit, match="lr: 0.1 -> None"):
+        common.load_checkpoint(str(path), "moco_ring", {"precision": "bf16"})
     with pytest.raises(SystemExit, match="written by moco_ring.py"):
         common.load_checkpoint(str(path), "adco", None)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
