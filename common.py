@@ -554,6 +554,9 @@ class DeviceAugment:
         """The view of each image for the given parameters: crop + resize + flip, jitter, grayscale, blur, normalise
         (into `out` when given)."""
         device, (height, width) = images.device, images.shape[-2:]
+        # The rows to blur and to hue are read from the parameters as drawn, on the CPU: a GPU is never waited for
+        # (nonzero() on a device tensor would wait for everything queued before it, the training step included).
+        drawn, blurred = p, p.blur.nonzero().squeeze(1)
         p = ViewParams(*(t.to(device, non_blocking=True) for t in p))
         if height <= self.size and width <= self.size and self.size & (self.size - 1) == 0:  # e.g. CIFAR at 32 px
             x = crop_enlarge(images, p, self.size).div_(255.0)  # x: NxCxSxS in [0, 1]
@@ -561,10 +564,10 @@ class DeviceAugment:
             rows = resize_matrix(p.top, p.height, height, self.size).div_(255.0)  # NxSxH, ToTensor's /255 folded in
             cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
             x = crop_resize(images, rows, cols)
-        color_jitter(x, p.jitter, p.order, p.factors)
-        blurred = p.blur.nonzero().squeeze(1)
+        color_jitter(x, drawn.jitter, drawn.order, drawn.factors)
         if len(blurred):  # before the grayscale (pretrain_transform blurs after it): both are linear and the blur
             # treats every channel alike, so they commute up to float rounding; the grayscale then joins Normalize
+            blurred = blurred.to(device, non_blocking=True)
             x[blurred] = gaussian_blur(x[blurred], self.blur_kernel, p.sigma[blurred])
         # Flipping last (pretrain_transform's order) or first gives the same image: the colour ops act per pixel
         # and the blur is symmetric with reflect padding, so the flip lives in the crop (mirrored columns).
@@ -679,13 +682,17 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, order: torch.Tensor, fa
     x <- clamp(a x + b gray + c) for the whole batch, each sample with the weights of the op it has there
     (brightness a = f; contrast a = f, c = (1 - f) mean; saturation a = f, b = 1 - f) or the identity (a = 1, b =
     c = 0: x exactly) where it has hue or no jitter; then the hue runs on the rows that have it there. (Gathering
-    the rows of each of the 16 (position, op) pairs cost about twice as much on a CPU, measured.)"""
+    the rows of each of the 16 (position, op) pairs cost about twice as much on a CPU, measured.)
+    The parameters may stay on the CPU while x is on a GPU (DeviceAugment.apply): the weights then travel as three
+    Nx4 tensors and the rows to hue are found on the host, without waiting for the GPU."""
     at_position = factors.gather(1, order)  # Nx4: the factor of the op at each position
     blend = applied.view(-1, 1) & (order != 3)
     weight_x = torch.where(blend, at_position, 1.0)  # a, Nx4
     weight_gray = torch.where(blend & (order == 2), 1.0 - at_position, 0.0)  # b
     weight_mean = torch.where(blend & (order == 1), 1.0 - at_position, 0.0)  # c / mean
     hue = applied.view(-1, 1) & (order == 3)
+    weight_x, weight_gray, weight_mean = (w.to(x.device, non_blocking=True)
+                                          for w in (weight_x, weight_gray, weight_mean))
     n, _, height, width = x.shape
     luma = _LUMA.to(x.device)
     for position in range(4):
@@ -697,7 +704,9 @@ def color_jitter(x: torch.Tensor, applied: torch.Tensor, order: torch.Tensor, fa
                       out=x).clamp_(0.0, 1.0)
         rows = hue[:, position].nonzero().squeeze(1)
         if len(rows):
-            x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), at_position[rows, position]))
+            shifts = at_position[rows, position].to(x.device, non_blocking=True)
+            rows = rows.to(x.device, non_blocking=True)
+            x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), shifts))
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
