@@ -346,10 +346,13 @@ def test_prefetching_loader_yields_the_one_thread_batches_and_passes_errors_on()
     loader = common.DeviceViewLoader(memory, common.DeviceAugment(16, MEAN, STD), 2, sampler, 8)
     for (views, labels), (views_1, labels_1) in zip(loader, loader._batches(), strict=True):
         assert torch.equal(labels, labels_1) and all(torch.equal(a, b) for a, b in zip(views, views_1))
+    before = set(threading.enumerate())
     batches = iter(loader)  # a loop that stops early (--max-steps) leaves no thread running once it lets go
     next(batches)
+    prefetcher = set(threading.enumerate()) - before
+    assert len(prefetcher) == 1
     batches.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    assert not any(thread.is_alive() for thread in prefetcher)
 
     class Failing(common.DeviceAugment):
         def views(self, images, seeds, num_views):
