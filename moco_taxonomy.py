@@ -46,7 +46,7 @@ Where the paper and its public code (serre-lab/ssl_actionrec, modules/moco_td.py
   there is no schedule), gradient norm clipped at 25, batch 32, K 1024, K_D 640, m 0.999, t 0.1, w_1 = w_2 = 1.
 - fp32 by default, also on a GPU (--precision fp32): the recurrent nets are small, and bf16 cuDNN RNNs have not
   run on a GPU here. --precision bf16 (or auto: bf16 on a GPU) autocasts encoder and decoder, the losses stay fp32;
-  it runs on the CPU in the tests. Metrics are read from the device every --log-every steps (default 10).
+  it runs on the CPU in the tests, where the recurrent nets stay fp32 (run_recurrent) and the linear layers go bf16. Metrics are read from the device every --log-every steps (default 10).
 
 Data (--dataset npz --data-root DIR): DIR/train.npz and DIR/test.npz, each with `sequences` float32 (N, T, J, 3),
 joint coordinates (x, y, z) per frame, and `labels` int64 (N,) in 0..C-1. NTU RGB+D and N-UCLA cannot be
@@ -441,6 +441,17 @@ def recurrent(cell: str, in_dim: int, width: int, layers: int) -> nn.Module:
     return (nn.GRU if cell == "gru" else nn.LSTM)(in_dim, width, layers, batch_first=True)
 
 
+def run_recurrent(rnn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The recurrent net's outputs at every time step (NxTxH). Under a CPU autocast it runs in fp32: PyTorch leaves a
+    CPU GRU in fp32 there but sends a CPU LSTM to oneDNN's bf16 kernel, which CPUs without AVX-512 BF16 lack ("could
+    not create a primitive descriptor for the LSTM"); one rule then holds for both cells on every CPU. On a GPU
+    autocast applies as it is."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return rnn(x.float())[0]
+    return rnn(x)[0]
+
+
 class SequenceEncoder(nn.Module):
     """Enc: x NxTxJx3 -> (h, z). h: NxH, the top layer's state after the last frame (what is evaluated and
     decoded); z: NxC, its linear projection, unit-normalized (the contrastive space of L_CE and L_AE)."""
@@ -451,7 +462,7 @@ class SequenceEncoder(nn.Module):
         self.head = nn.Linear(width, dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states, _ = self.rnn(x.flatten(2))  # states: NxTxH
+        states = run_recurrent(self.rnn, x.flatten(2))  # states: NxTxH
         h = states[:, -1]  # h: NxH
         return h, F.normalize(self.head(h).float(), dim=1)
 
@@ -467,7 +478,7 @@ class SequenceDecoder(nn.Module):
         self.frames, self.joints = frames, joints
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        states, _ = self.rnn(h.unsqueeze(1).expand(-1, self.frames, -1).contiguous())  # states: NxTxH
+        states = run_recurrent(self.rnn, h.unsqueeze(1).expand(-1, self.frames, -1).contiguous())  # NxTxH
         return self.out(states).view(h.shape[0], self.frames, self.joints, 3)
 
 
