@@ -46,7 +46,8 @@ Where the paper and its public code (serre-lab/ssl_actionrec, modules/moco_td.py
   there is no schedule), gradient norm clipped at 25, batch 32, K 1024, K_D 640, m 0.999, t 0.1, w_1 = w_2 = 1.
 - fp32 by default, also on a GPU (--precision fp32): the recurrent nets are small, and bf16 cuDNN RNNs have not
   run on a GPU here. --precision bf16 (or auto: bf16 on a GPU) autocasts encoder and decoder, the losses stay fp32;
-  it runs on the CPU in the tests, where the recurrent nets stay fp32 (run_recurrent) and the linear layers go bf16. Metrics are read from the device every --log-every steps (default 10).
+  it runs on the CPU in the tests, where the recurrent nets stay fp32 (run_recurrent) and the linear layers go
+  bf16. Metrics are read from the device every --log-every steps (default 10).
 
 Data (--dataset npz --data-root DIR): DIR/train.npz and DIR/test.npz, each with `sequences` float32 (N, T, J, 3),
 joint coordinates (x, y, z) per frame, and `labels` int64 (N,) in 0..C-1. NTU RGB+D and N-UCLA cannot be
