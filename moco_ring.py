@@ -25,7 +25,7 @@ IRing (--negatives bank): instance discrimination (Wu et al. 2018; the paper's E
 one view per image, a memory bank M of one normalized embedding per training index (MemoryBank):
     v = norm(g(t(x_i)))                                # v: NxC                         (MoCoRing.forward_bank)
     l_pos = v . M[i] / t                               # Nx1, the bank's own entry       (bank_ring_loss)
-    j_1..j_k ~ U(ring of v among all of M)             # percentiles [w_l, w_u], with replacement (sample_ring_indices)
+    j_1..j_k ~ U(ring of v among M minus M[i])          # percentiles [w_l, w_u], distinct  (sample_ring_negatives)
     loss = -l_pos + logsumexp([l_pos, v . M[j_1..k] / t])                                 (bank_ring_loss)
     M[i] <- norm(m M[i] + (1 - m) v)                   # after the step; m = 0 default   (MemoryBank.update)
     anneal(w_l); anneal(w_u)                                                              (ring_schedule)
@@ -149,56 +149,68 @@ def ring_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def sample_ring_indices(similarity: torch.Tensor, lower: float, upper: float, num_samples: int,
-                        generator: torch.Generator | None = None, row_offset: int = 0,
-                        total_rows: int = 0) -> torch.Tensor:
-    """Draw `num_samples` negatives per row uniformly (with replacement) from that row's ring.
-
-    similarity: NxM scores of N anchors against M candidates (a memory bank: IRing, Eq. 3, or the toy of Appendix B).
-    Returns NxS indices into the M candidates, S = num_samples. This is q(v | v*) of Theorem 3.1 restricted to the
-    ring: each candidate inside the ring is equally likely, as p(A | S_B) renormalizes the uniform marginal.
-    row_offset/total_rows: these N rows are rows [row_offset, row_offset + N) of a batch of `total_rows` (0: N),
-    and the positions are drawn for the whole batch at once, so a rank of a distributed run draws what one process
-    would draw for the same rows of the global batch. Position p of a ring is its p-th member counted from the
-    farthest; when the ring is the whole set, position p is candidate p (the same uniform draw, without a sort).
-    """
-    num_candidates = similarity.shape[1]
+def ring_members(similarity: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """The ring of each row (Section 4): similarity: NxM scores of N anchors against M candidates -> NxR candidate
+    ids, R = hi - lo of ring_bounds(M, lower, upper), ordered from the farthest to the closest (up to the order of
+    tied scores). When the ring is the whole set, row n is simply 0..M-1 (no ranking needed)."""
+    num_candidates, rows = similarity.shape[1], similarity.shape[0]
     lo, hi = ring_bounds(num_candidates, lower, upper)
-    rows = similarity.shape[0]
-    if (lo, hi) == (0, num_candidates):  # the whole set (IR, Eq. 3: j ~ U(1, n)): no ranking needed
-        order = torch.arange(num_candidates, device=similarity.device).expand(rows, -1)
-    else:
-        # The ring's candidate ids, far -> close (argsort[:, lo:hi], up to the order of tied scores). A top-k of
-        # the M-lo closest replaces the full sort, as in ring_loss: IRing's whole loss, forward + backward, at
-        # M 20000, N 128, w_l 90 took 0.18 s instead of 1.8 s with the argsort (loaded 2-core CPU, one thread).
-        closest_first = similarity.topk(num_candidates - lo, dim=1).indices  # Nx(M-lo), descending similarity
-        order = closest_first.flip(1)[:, :hi - lo]  # order: Nx(hi-lo), ranks lo..hi-1 counted from the farthest
-    draw_on = generator.device if generator is not None else similarity.device
-    pick = torch.randint(0, hi - lo, (total_rows or rows, num_samples), generator=generator, device=draw_on)
-    pick = pick[row_offset:row_offset + rows].to(similarity.device)  # pick: NxS positions inside the ring
-    return order.gather(1, pick)  # NxS candidate ids
+    if (lo, hi) == (0, num_candidates):
+        return torch.arange(num_candidates, device=similarity.device).expand(rows, -1)
+    # A top-k of the M-lo closest replaces the full argsort: IRing's whole loss, forward + backward, at M 20000,
+    # N 128, w_l 90 took 0.18 s instead of 1.8 s with the argsort (2-core CPU, one thread).
+    closest_first = similarity.topk(num_candidates - lo, dim=1).indices  # Nx(M-lo), descending similarity
+    return closest_first.flip(1)[:, :hi - lo]  # NxR, ranks lo..hi-1 counted from the farthest
+
+
+def sample_ring_negatives(similarity: torch.Tensor, own: torch.Tensor, lower: float, upper: float,
+                          num_negatives: int, priority: torch.Tensor) -> torch.Tensor:
+    """IRing's negatives: up to k = num_negatives bank ids per row, drawn uniformly *without* replacement from the
+    row's ring, never the row's own entry.
+
+    similarity: NxM scores against the bank, own: N, the bank id of each row's own entry (its positive), priority:
+    NxM uniforms, the random part: the ring's k members of highest priority are drawn, which is a uniform draw of
+    k distinct members. The ring is ranked among the M-1 *other* entries; when k is at least the ring's size R,
+    every ring member is taken once (the result is NxR). So with the whole bank as the ring and k >= M-1 the
+    loss is the full softmax over the bank, Wu et al.'s LinearAverage.
+    The public code (and Wu et al.'s NCEAverage) draws with replacement from the whole bank, own entry included:
+    at n = 50,000 that costs nothing, but on a bank of 1,280 with k = 4096 each query would meet its own entry
+    about 3 times as a negative.
+    """
+    with torch.no_grad():
+        others = similarity.scatter(1, own.unsqueeze(1), float("-inf"))  # the own entry ranks below every other
+        num_others = similarity.shape[1] - 1
+        lo, hi = ring_bounds(num_others, lower, upper)
+        if (lo, hi) == (0, num_others):  # the whole bank but the own entry, ids ascending
+            ids = torch.arange(num_others, device=similarity.device).expand(similarity.shape[0], -1)
+            ring = ids + (ids >= own.unsqueeze(1)).long()
+        else:  # the ring among the others: ranks [lo, hi) of the M-1, i.e. [lo + 1, hi + 1) with the own at rank 0
+            closest_first = others.topk(num_others - lo, dim=1).indices  # Nx(M-1-lo), never the own entry
+            ring = closest_first.flip(1)[:, :hi - lo]  # ring: NxR
+        if num_negatives >= ring.shape[1]:
+            return ring
+        chosen = priority.gather(1, ring).topk(num_negatives, dim=1).indices  # Nxk distinct ring positions
+        return ring.gather(1, chosen)
 
 
 def bank_ring_loss(q: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, temperature: float, lower: float,
-                   upper: float, num_negatives: int, generator: torch.Generator | None = None,
-                   row_offset: int = 0, total_rows: int = 0) -> torch.Tensor:
+                   upper: float, num_negatives: int, priority: torch.Tensor) -> torch.Tensor:
     """IRing loss: Eq. 3 (instance discrimination, Wu et al. 2018) with negatives drawn from the ring (Section 4).
 
     q: NxC embeddings g(t(x_i)) (L2-normalized), bank: MxC memory bank M (one normalized row per training image),
-    index: N training indices i. The positive is the bank's own entry M[i] (Eq. 3; the public code's NCERing
-    likewise); k = num_negatives entries j_1..j_k are drawn uniformly with replacement from the entries whose
-    similarity to q lies between the w_l-th and w_u-th percentiles of all M. Returns the mean over the N queries of
-        -log( e^{q.M[i]/t} / (e^{q.M[i]/t} + sum_{s=1..k} e^{q.M[j_s]/t}) ),
+    index: N training indices i, priority: NxM uniforms that decide the draw (sample_ring_negatives). The positive
+    is the bank's own entry M[i] (Eq. 3; the public code's NCERing likewise); the negatives j_1..j_k are k
+    distinct entries other than i whose similarity to q lies between the w_l-th and w_u-th percentiles of the
+    other M-1 (all of the ring when it holds k or fewer). Returns the mean over the N queries of
+        -log( e^{q.M[i]/t} / (e^{q.M[i]/t} + sum_{s} e^{q.M[j_s]/t}) ),
     the positive kept in the denominator as in Eq. 3 and Theorem 3.1 (Eq. 3's 1/(k+1) is a constant, left out).
-    The ring is ranked over the whole bank, M[i] included, as in the public code: early on M[i] can be drawn as a
-    negative; once it is the closest entry, w_u < 100 leaves it out. Gradients reach q only (the bank is a buffer).
+    Gradients reach q only (the bank is a buffer).
     """
     bank = bank.detach()
     l_all = q @ bank.T / temperature  # l_all: NxM, q against every bank entry
     l_pos = l_all.gather(1, index.unsqueeze(1))  # l_pos: Nx1, q.M[i]/t
-    with torch.no_grad():  # which entries are negatives is a sampling decision, not part of the gradient
-        negatives = sample_ring_indices(l_all, lower, upper, num_negatives, generator, row_offset, total_rows)
-    l_neg = l_all.gather(1, negatives)  # l_neg: Nxk, the sampled ring entries
+    negatives = sample_ring_negatives(l_all.detach(), index, lower, upper, num_negatives, priority)  # Nxk ids
+    l_neg = l_all.gather(1, negatives)  # l_neg: Nxk, the drawn ring entries
     logits = torch.cat([l_pos, l_neg], dim=1)  # logits: Nx(1+k), positive at index 0
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
@@ -403,12 +415,14 @@ class MoCoRing(nn.Module):
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """IRing: one view per image (Eq. 3: g(t(x_i)) against M; the public code's NCERing alike)."""
         v = F.normalize(self.encoder_q(x).float(), dim=1)  # v: NxC, g(t(x_i))
+        # The draw's uniforms are made for the whole global batch and each rank takes its rows, so N processes
+        # draw what one process draws (a rank holds rows [rank * N, (rank + 1) * N) of the global batch).
+        rows = v.shape[0]
+        priority = torch.rand(common.world_size() * rows, self.bank.vectors.shape[0], generator=generator,
+                              device=generator.device)[common.rank() * rows:][:rows].to(v.device)
         with torch.autocast(v.device.type, enabled=False):
-            # Each rank holds rows [rank * N, (rank + 1) * N) of the global batch; the ring positions are drawn for
-            # the whole global batch, so N processes draw what one process draws (world-size parity).
             loss = bank_ring_loss(v, self.bank.vectors, index, self.cfg.moco_t, lower, upper,
-                                  self.cfg.bank_negatives, generator, row_offset=common.rank() * v.shape[0],
-                                  total_rows=common.world_size() * v.shape[0])
+                                  self.cfg.bank_negatives, priority)
         return loss, v.detach()
 
 
@@ -424,7 +438,8 @@ def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Opt
     lower, upper = ring_schedule(step, cfg.anneal_epochs * steps_per_epoch, cfg.ring_lower, cfg.ring_upper,
                                  cfg.anneal, cfg.anneal_upper)  # line 12
     # IRing's ring draws: a generator of (seed, step) alone, so a resumed run and every rank draw the same.
-    generator = torch.Generator().manual_seed(cfg.seed * 2**32 + step) if cfg.negatives == "bank" else None
+    generator = (torch.Generator(views[0].device).manual_seed(cfg.seed * 2**32 + step)
+                 if cfg.negatives == "bank" else None)
     with common.autocast(views[0].device, cfg.precision):
         loss, written = ddp_model(views, lower, upper, index, generator)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)

@@ -61,13 +61,12 @@ def test_gradients_reach_the_queries_only():
     assert k.grad is None and queue.grad is None
 
 
-def test_sampled_ring_indices_stay_inside_each_rows_ring():
+def test_ring_members_are_each_rows_percentile_slice():
     sim = torch.randn(5, 200, generator=torch.Generator().manual_seed(0))
-    idx = moco_ring.sample_ring_indices(sim, 75, 95, 1000, torch.Generator().manual_seed(1))
+    members = moco_ring.ring_members(sim, 75, 95)
     ranks = sim.argsort(1).argsort(1)  # rank of each candidate in its row, 0 = farthest
-    picked = ranks.gather(1, idx)
-    assert picked.min() >= 150 and picked.max() < 190
-    assert len(picked[0].unique()) == 40  # every ring member drawn at least once in 1000 tries
+    assert torch.equal(ranks.gather(1, members), torch.arange(150, 190).expand(5, -1))
+    assert torch.equal(moco_ring.ring_members(sim, 0, 100), torch.arange(200).expand(5, -1))
 
 
 def test_ring_bounds_reject_impossible_percentiles():
@@ -131,40 +130,64 @@ def test_learning_rate_schedules():
     assert moco_ring.learning_rate(1500, 10, 3000, cosine) == pytest.approx(0.03)
 
 
-def naive_bank_ring_loss(q, bank, index, t, lower, upper, pick):
-    """Eq. 3 with ring negatives, one query at a time in float64: rank the whole bank, slice the ring, take the
-    entries at the given ring positions, logsumexp with the bank's own entry as positive."""
+def naive_bank_ring_loss(q, bank, index, t, lower, upper, k, priority):
+    """Eq. 3 with ring negatives, one query at a time in float64: rank the other M-1 bank entries, slice the ring,
+    take its k members of highest priority (all of them if it holds k or fewer), logsumexp with the bank's own
+    entry as positive."""
     M, losses = bank.shape[0], []
-    for qi, i, picks in zip(q.double(), index.tolist(), pick.tolist()):
+    for qi, i, prio in zip(q.double(), index.tolist(), priority.tolist()):
         sims = [(qi @ row).item() / t for row in bank.double()]
-        ascending = sorted(range(M), key=lambda j: sims[j])
-        lo, hi = int(lower / 100 * M), max(int(upper / 100 * M), int(lower / 100 * M) + 1)
-        ring = ascending[lo:hi] if (lo, hi) != (0, M) else list(range(M))  # the whole bank: j ~ U(1, n) by id
-        terms = [sims[i]] + [sims[ring[p]] for p in picks]
+        others = sorted((j for j in range(M) if j != i), key=lambda j: sims[j])  # ascending similarity
+        lo, hi = int(lower / 100 * (M - 1)), max(int(upper / 100 * (M - 1)), int(lower / 100 * (M - 1)) + 1)
+        ring = others[lo:hi]
+        drawn = sorted(ring, key=lambda j: -prio[j])[:k]
+        terms = [sims[i]] + [sims[j] for j in drawn]
         losses.append(math.log(sum(math.exp(s) for s in terms)) - sims[i])
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("lower,upper", [(0, 100), (50, 90), (90, 99)])
-def test_bank_ring_loss_equals_a_naive_per_sample_loop(lower, upper):
+@pytest.mark.parametrize("lower,upper,k", [(0, 100, 50), (50, 90, 50), (90, 99, 50), (50, 90, 500)])
+def test_bank_ring_loss_equals_a_naive_per_sample_loop(lower, upper, k):
     q, bank, index = unit(6, 16, seed=1), unit(300, 16, seed=3), torch.tensor([5, 0, 299, 17, 42, 8])
-    ours = moco_ring.bank_ring_loss(q, bank, index, 0.07, lower, upper, 50, torch.Generator().manual_seed(4))
-    lo, hi = moco_ring.ring_bounds(300, lower, upper)
-    pick = torch.randint(0, hi - lo, (6, 50), generator=torch.Generator().manual_seed(4))  # the same draw
-    assert ours.item() == pytest.approx(naive_bank_ring_loss(q, bank, index, 0.07, lower, upper, pick), rel=1e-5)
+    priority = torch.rand(6, 300, generator=torch.Generator().manual_seed(4))
+    ours = moco_ring.bank_ring_loss(q, bank, index, 0.07, lower, upper, k, priority)
+    naive = naive_bank_ring_loss(q, bank, index, 0.07, lower, upper, k, priority)
+    assert ours.item() == pytest.approx(naive, rel=1e-5)
 
 
-def test_ring_draws_of_a_rank_equal_its_rows_of_the_global_draw():
-    sim = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
-    whole = moco_ring.sample_ring_indices(sim, 50, 90, 7, torch.Generator().manual_seed(3))
-    halves = [moco_ring.sample_ring_indices(sim[r * 4:(r + 1) * 4], 50, 90, 7, torch.Generator().manual_seed(3),
-                                            row_offset=r * 4, total_rows=8) for r in (0, 1)]
-    assert torch.equal(whole, torch.cat(halves))
+@pytest.mark.parametrize("lower,upper,k", [(0, 100, 40), (0, 100, 299), (30, 80, 20), (30, 80, 1000), (95, 100, 3)])
+def test_bank_negatives_are_distinct_ring_members_never_the_own_entry(lower, upper, k):
+    sim, own = torch.randn(50, 300, generator=torch.Generator().manual_seed(0)), torch.arange(0, 300, 6)
+    priority = torch.rand(50, 300, generator=torch.Generator().manual_seed(1))
+    drawn = moco_ring.sample_ring_negatives(sim, own, lower, upper, k, priority)
+    lo, hi = moco_ring.ring_bounds(299, lower, upper)
+    assert drawn.shape == (50, min(k, hi - lo))
+    for n, (row, i) in enumerate(zip(drawn.tolist(), own.tolist())):
+        ring = set(sorted((j for j in range(300) if j != i), key=lambda j: sim[n, j].item())[lo:hi])
+        assert i not in row and len(set(row)) == len(row) and set(row) <= ring
+
+
+def test_bank_draw_is_uniform_over_the_ring():
+    # 4,000 draws of k = 5 from a ring of 20: each member's frequency is 1/4, standard error 0.0068; 5 SE allowed
+    sim = torch.arange(21.0).expand(4000, -1)  # the same ranking in every row: own entry 0, ring = ids 1..20
+    priority = torch.rand(4000, 21, generator=torch.Generator().manual_seed(2))
+    drawn = moco_ring.sample_ring_negatives(sim, torch.zeros(4000, dtype=torch.long), 0, 100, 5, priority)
+    frequency = torch.bincount(drawn.flatten(), minlength=21)[1:] / 4000
+    assert (frequency - 0.25).abs().max() < 5 * math.sqrt(0.25 * 0.75 / 4000)
+
+
+def test_whole_bank_with_k_at_least_m_minus_one_is_the_full_softmax():
+    """Wu et al.'s LinearAverage: cross-entropy of q against every bank entry, the own index as target."""
+    q, bank, index = unit(8, 16, seed=1).requires_grad_(), unit(40, 16, seed=3), torch.tensor([0, 3, 39, 7, 7, 12, 20, 1])
+    ours = moco_ring.bank_ring_loss(q, bank, index, 0.1, 0, 100, 39, torch.rand(8, 40))
+    full = F.cross_entropy(q @ bank.T / 0.1, index)
+    assert ours.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, q)[0], torch.autograd.grad(full, q)[0])
 
 
 def test_bank_gradient_reaches_the_embeddings_only():
     q, bank = unit(4, 8, seed=1).requires_grad_(), unit(50, 8, seed=3).requires_grad_()
-    moco_ring.bank_ring_loss(q, bank, torch.arange(4), 0.1, 20, 80, 10).backward()
+    moco_ring.bank_ring_loss(q, bank, torch.arange(4), 0.1, 20, 80, 10, torch.rand(4, 50)).backward()
     assert q.grad.abs().sum() > 0 and bank.grad is None
 
 

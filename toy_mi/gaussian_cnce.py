@@ -76,7 +76,7 @@ What this says about Table 5:
     0 up to float32 noise in the critic's scores (|x| < 3e-6, mixed sign). At w = 10 three of five seeds kept a
     y-dependent critic (estimates 9.1e-3, 4.4e-4, -5.9e-4) and two collapsed (9e-16). Which seeds collapse depends
     on the draw of negatives: an earlier run with the same distribution of negatives but another draw order
-    (moco_ring.sample_ring_indices sorted with argsort then; float32 estimates) gave w = 10 values 4.7e-7, 4.4e-7,
+    (the ring sorted with argsort then; float32 estimates) gave w = 10 values 4.7e-7, 4.4e-7,
     1.5e-3, -6.4e-4, 4.8e-7 and NCE 0.0165 +- 0.0069.
   * So Table 5's falling positive values (0.0022 at w = 25 to 2e-6 at w = 95, with small stds) match neither
     reading: the shared reading gives large negative numbers, the per-w reading a flat critic whose estimate is 0
@@ -99,10 +99,10 @@ Choices the paper leaves open, and mine:
     The same k = 100 for NCE and CNCE, so the two differ in where negatives come from and nothing else.
   * The ring: App. B says both "the top w_l percentage" and "as w_l increases from 10 to 95, q has smaller
     support"; only "above the w-th percentile" (the top (100-w)%) fits the second and Table 5's falling values,
-    and it is Section 4's definition, so it is mine: `sample_ring_indices(sim, lower=w, upper=100)`, the one ring
-    sampler of the project. Similarity: the critic f(x_i, y_j) = g(x_i)^T M[j], which is both Theorem 3.1's
-    S_B = {v : e^{f(u,v)} in B} and the Ring's g(t(x_i))^T g(t'(x)). The bank holds the other n-1 points (the
-    positive is never its own negative: V_2..V_k are independent of V_1).
+    and it is Section 4's definition, so it is mine: `ring_members(sim, lower=w, upper=100)`, the one ring of the
+    project, with negatives drawn i.i.d. from it (as Theorem 3.1 draws them). Similarity: the critic f(x_i, y_j) =
+    g(x_i)^T M[j], which is both Theorem 3.1's S_B = {v : e^{f(u,v)} in B} and the Ring's g(t(x_i))^T g(t'(x)).
+    The bank holds the other n-1 points (the positive is never its own negative: V_2..V_k are independent of V_1).
   * Protocol shared, training negatives: the other pairs of the batch (InfoNCE, positive in the denominator); the
     bank is built once, from the trained h on the fresh pairs, so no entry is stale.
   * Protocol per-w, training: the bank is h of all n training pairs recomputed at every step (2000 forwards of a
@@ -129,7 +129,7 @@ import torch.nn.functional as F
 # `python toy_mi/gaussian_cnce.py` puts toy_mi/ on sys.path, not the repo root where moco_ring.py lives.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import POSITIVE, at_least, between, each, fail, option, parse_config  # noqa: E402
-from moco_ring import ring_bounds, sample_ring_indices  # noqa: E402  (the one ring of the project)
+from moco_ring import ring_bounds, ring_members  # noqa: E402  (the one ring of the project)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,8 +223,9 @@ def ring_terms(scores: torch.Tensor, anchor: torch.Tensor, w: float, num: int,
     both carrying the gradient of `scores`.
     """
     pos, others = split_positive(scores, anchor)  # pos: Bx1, others: Bx(N-1)
-    idx = sample_ring_indices(others.detach(), w, 100.0, num, generator)  # idx: Bxnum, positions among the others
-    return pos, others.gather(1, idx)
+    ring = ring_members(others.detach(), w, 100.0)  # ring: BxR, positions among the others
+    pick = torch.randint(0, ring.shape[1], (ring.shape[0], num), generator=generator)  # i.i.d., as Thm 3.1 draws
+    return pos, others.gather(1, ring.gather(1, pick))  # neg: Bxnum
 
 
 def estimate_per_draw(f: torch.Tensor, w: float, num_negatives: int, draws: int,
@@ -248,7 +249,7 @@ def jensen_bound(f: torch.Tensor, w: float, num_negatives: int) -> float:
     """
     n, k = f.shape[0], num_negatives
     pos, others = split_positive(f, torch.arange(n))  # pos: Nx1, others: Nx(N-1)
-    lo, hi = ring_bounds(n - 1, w, 100.0)  # the slice sample_ring_indices draws from
+    lo, hi = ring_bounds(n - 1, w, 100.0)  # the slice ring_members returns
     ring_mean = others.sort(dim=1).values[:, lo:hi].mean(dim=1)  # r_i: N
     return k / (k + 1) * (pos.mean() - ring_mean.mean()).item()
 
