@@ -61,7 +61,7 @@ Run:
     torchrun --nproc_per_node=4 adco.py --batch-size 512           # 4 GPUs (global batch 512), or 4 CPU processes
     torchrun --nproc_per_node=8 adco.py --dataset folder --data-root imagenet --image-size 224 --arch resnet50 \\
         --bank-size 65536 --batch-size 256 --lr 0.03 --weight-decay 1e-4 --moco-m 0.999   # the paper's ImageNet run
-    python common.py probe runs/adco/checkpoint.pt                 # linear probe of the saved backbone
+    python engine.py probe runs/adco/checkpoint.pt                 # linear probe of the saved backbone
 
 Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
 each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (156 steps) of the small CNN on the
@@ -97,7 +97,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import NON_NEGATIVE, POSITIVE, at_least, between, option
+import engine
+from engine import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The two players' objectives (Eqs. 1, 2 and Sec. 4.1)
@@ -146,7 +147,7 @@ class Config:
     augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
                                     "augments each batch on the training device (falls back to cpu when they do "
                                     "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=common.AUGMENT_CHOICES)
+                          choices=engine.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -374,8 +375,8 @@ def check_config(cfg: Config, num_images: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__)
-    device = common.init_distributed()
+    cfg = engine.parse_config(Config, argv, __doc__)
+    device = engine.init_distributed()
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     cfg.image_size = data.image_size
     check_config(cfg, len(data.pretrain))
@@ -390,16 +391,16 @@ def main(argv: list[str] | None = None) -> None:
     optimizer, bank_optimizer = make_optimizers(model)
     step = 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, "adco", config)
+        state = engine.load_checkpoint(cfg.resume, "adco", config)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"]["encoder"])
         bank_optimizer.load_state_dict(state["optimizers"]["bank"])
-        common.set_rng_state(state["rng"])
+        engine.set_rng_state(state["rng"])
         step = state["step"]
     # broadcast_buffers=False: no buffer needs it (the key encoder's BN statistics are never used in training).
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "adco", resuming=bool(cfg.resume), step=step)
+    run = engine.RunDir(cfg.out_dir, config, "adco", resuming=bool(cfg.resume), step=step)
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
     if not cfg.resume:  # line 0, from a private generator: the global RNG stays as a resumed run would find it
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                                     cfg.batch_size // common.world_size(), cfg.workers, device, sampler,
                                     persistent=True)
     else:
-        loader = common.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
+        loader = engine.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
                                          cfg.workers, device)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
+    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -445,14 +446,14 @@ def main(argv: list[str] | None = None) -> None:
                 break
         metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
-        common.average_bn_statistics(model)
+        engine.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder_q.backbone)
             spread = bank_rank_difference(model.bank)
             if common.is_main():
                 run.log({"step": step, "epoch": epoch, "knn_top1": top1, "bank_rank_diff": spread})
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        common.save_checkpoint(run.checkpoint_path, "adco", config, step, model,
+        engine.save_checkpoint(run.checkpoint_path, "adco", config, step, model,
                                {"encoder": optimizer, "bank": bank_optimizer}, model.encoder_q.backbone)
         timer.saved()
         timer.stop_if_signalled(step, run.checkpoint_path)
@@ -461,4 +462,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    engine.run_main(main)

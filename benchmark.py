@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 import common
+import engine
 
 
 def time_steps(step: Callable[[int], object], images_per_step: int, device: torch.device, steps: int,
@@ -312,13 +313,13 @@ def data_loaders(data: common.ImageData, batch_size: int, workers: int, device: 
     scripts do today) and 'device' (decoded once into memory, augmented in this process). Returns endless batch
     iterators and the seconds the one-off decode into memory took."""
     tf = common.pretrain_transform(data.image_size, data.mean, data.std)
-    samplers = {path: common.EpochSampler(len(data.pretrain), batch_size, seed=0) for path in common.AUGMENT_CHOICES}
+    samplers = {path: common.EpochSampler(len(data.pretrain), batch_size, seed=0) for path in engine.AUGMENT_CHOICES}
     cpu = common.make_loader(common.AugmentedViews(data.pretrain, common.MultiView([tf, tf])), batch_size, workers,
                              device, samplers["cpu"])
     tic = time.perf_counter()
-    memory = common.load_into_memory(data.pretrain, device, workers)
+    memory = engine.load_into_memory(data.pretrain, device, workers)
     decode_s = time.perf_counter() - tic
-    on_device = common.DeviceViewLoader(memory, common.DeviceAugment(data.image_size, data.mean, data.std), 2,
+    on_device = engine.DeviceViewLoader(memory, engine.DeviceAugment(data.image_size, data.mean, data.std), 2,
                                         samplers["device"], batch_size)
     return {"cpu": endless(cpu, samplers["cpu"]), "device": endless(on_device, samplers["device"])}, decode_s
 
@@ -333,8 +334,8 @@ def augment_ms_per_image(data: common.ImageData, images: int, windows: int) -> d
     pil = [data.pretrain[i] for i in range(images)]  # (PIL image, label), decoded once
     tf = common.pretrain_transform(data.image_size, data.mean, data.std)
     cpu_views = common.AugmentedViews(pil, common.MultiView([tf, tf]))
-    memory = common.load_into_memory(pil, torch.device("cpu"))
-    augment = common.DeviceAugment(data.image_size, data.mean, data.std)
+    memory = engine.load_into_memory(pil, torch.device("cpu"))
+    augment = engine.DeviceAugment(data.image_size, data.mean, data.std)
     seeds = torch.randint(0, 2**62, (images,), generator=torch.Generator().manual_seed(0))
     paths = {"cpu": lambda: [cpu_views[(i, int(seeds[i]))] for i in range(images)],
              "device": lambda: augment.views(memory.images, seeds, 2)}
@@ -393,7 +394,7 @@ def machine(device: torch.device) -> str:
 
 
 def data_main(argv: list[str]) -> None:
-    parser = common.OneLineErrorParser(
+    parser = engine.OneLineErrorParser(
         description="The data path (issue 13): augmentation ms/image of the PIL and the device path on one thread, "
                     "and training images/s with each path beside the step alone (MoCo v2, moco_ring's model)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -411,7 +412,7 @@ def data_main(argv: list[str]) -> None:
     for flag in ("batch_size", "queue", "steps", "windows", "augment_images", "workers"):
         if getattr(args, flag) < (0 if flag == "workers" else 1):
             parser.error(f"argument --{flag.replace('_', '-')}: must be >= {0 if flag == 'workers' else 1}")
-    device = common.init_distributed()
+    device = engine.init_distributed()
     torch.backends.cudnn.benchmark = True
     data, source = image_data(args.data_root, 32)
     print(f"data: {data.image_size} px, {source}; {machine(device)}, torch {torch.__version__}")
@@ -433,7 +434,7 @@ def data_main(argv: list[str]) -> None:
         print(f"  {name:<10} {rate:9.1f}   {rate / rates['step only']:6.1%} of the step alone")
     report = {"augment_ms_per_image": {path: t["cpu_time"] for path, t in augment.items()},
               "augment_wall_ms_per_image": {path: t["wall"] for path, t in augment.items()},
-              "end_to_end_images_per_s": {path: rates[path] for path in common.AUGMENT_CHOICES},
+              "end_to_end_images_per_s": {path: rates[path] for path in engine.AUGMENT_CHOICES},
               "step_only_images_per_s": rates["step only"], "seeding_us_per_sample": seeding}
     if device.type == "cuda":
         report["bare_encoder_images_per_s"] = bare_encoder_rate(args.arch, "cifar", views, args.steps)
@@ -466,7 +467,7 @@ def gpu_main(argv: list[str]) -> None:
     """Every GPU figure of issue 13 item 6 in one run (under 8 minutes on one GPU), written to one JSON."""
     import tempfile
 
-    parser = common.OneLineErrorParser(
+    parser = engine.OneLineErrorParser(
         description="The prepared GPU suite (issue 13): step ratios Ring/MoCo, AdCo/MoCo, MMCL-INV/SimCLR, CM-ACC "
                     "active/random; MoCo v2 end to end with both data paths against the bare encoder; peak memory; "
                     "a one-epoch torchrun smoke. --smoke: tiny sizes on any device, in seconds (CI)",
@@ -480,7 +481,7 @@ def gpu_main(argv: list[str]) -> None:
     for flag in ("steps", "torchrun_timeout"):
         if getattr(args, flag) < 1:
             parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
-    device = common.init_distributed()
+    device = engine.init_distributed()
     torch.backends.cudnn.benchmark = True
     tic = time.perf_counter()
     size = argparse.Namespace(arch="small", batch_size=16, image_size=16, queue=64, steps=2) if args.smoke else \
@@ -500,13 +501,13 @@ def gpu_main(argv: list[str]) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rates = end_to_end_rates(step, batches, views, device, size.steps, 3)
-    report["end_to_end_images_per_s"] = {path: rates[path] for path in common.AUGMENT_CHOICES}
+    report["end_to_end_images_per_s"] = {path: rates[path] for path in engine.AUGMENT_CHOICES}
     report["step_only_images_per_s"] = rates["step only"]
     report["decode_into_memory_s"] = decode_s
     report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     report["bare_encoder_images_per_s"] = bare_encoder_rate(size.arch, "cifar", views, size.steps)
     ceiling = report["bare_encoder_images_per_s"]
-    for path in common.AUGMENT_CHOICES:
+    for path in engine.AUGMENT_CHOICES:
         print(f"MoCo v2 end to end, {path:<6} {rates[path]:9.1f} images/s, {rates[path] / ceiling:6.1%} of the bare "
               f"encoder ({ceiling:.1f})")
     with tempfile.TemporaryDirectory() as tmp:
@@ -656,7 +657,7 @@ class EvalData:
         self.num_classes, self.mean, self.std = data.num_classes, data.mean, data.std
         self.splits = {}
         for name, dataset, size in (("train", data.memory, bank_size), ("test", data.test, test_size)):
-            memory = common.load_into_memory(common.evenly_spaced_subset(dataset, size), torch.device("cpu"),
+            memory = engine.load_into_memory(common.evenly_spaced_subset(dataset, size), torch.device("cpu"),
                                              workers)
             if memory.images.shape[-2:] != (data.image_size, data.image_size):
                 common.fail(f"the {name} images are {tuple(memory.images.shape[-2:])} px, the protocol evaluates at "
@@ -674,7 +675,7 @@ class EvalData:
 def evaluate_backbone(backbone: torch.nn.Module, eval_data: EvalData, probe_epochs: int, seed: int,
                       device: torch.device, k: int = 200, temperature: float = 0.1) -> dict:
     """kNN top-1 (common.knn_predict: k 200, t 0.1, the whole bank) and linear-probe top-1 (common.linear_probe on
-    the same pooled, L2-normalized backbone features), in %, as the scripts' kNN monitor and `common.py probe`."""
+    the same pooled, L2-normalized backbone features), in %, as the scripts' kNN monitor and `engine.py probe`."""
     backbone = backbone.to(device)
     train_x, train_y = common.extract_features(backbone, eval_data.batches("train", device), device)
     test_x, test_y = common.extract_features(backbone, eval_data.batches("test", device), device)
@@ -693,8 +694,8 @@ def initial_backbone(preset: AccuracyPreset, stem: str, seed: int) -> torch.nn.M
 
 
 def trained_backbone(run_dir: Path, last_step: int) -> torch.nn.Module:
-    """The backbone of a finished run (what `common.py probe` reads)."""
-    state = common.load_checkpoint(str(run_dir / "checkpoint.pt"))
+    """The backbone of a finished run (what `engine.py probe` reads)."""
+    state = engine.load_checkpoint(str(run_dir / "checkpoint.pt"))
     if state["step"] != last_step:
         common.fail(f"{run_dir}: the checkpoint is at step {state['step']}, the protocol trains {last_step} steps")
     cfg = state["config"]
@@ -766,7 +767,7 @@ def run_one(method: Method, seed: int, preset: AccuracyPreset, protocol: dict, d
     tic = time.perf_counter()
     record.update(evaluate_backbone(backbone, eval_data, preset.probe_epochs, seed, device),
                   eval_s=time.perf_counter() - tic)
-    common.atomic_write(result_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    engine.atomic_write(result_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     print(f"{method.name}, seed {seed}: kNN {record['knn']:.2f}%, linear {record['linear']:.2f}%", flush=True)
     return record
 
@@ -847,7 +848,7 @@ def save_accuracy_plot(results: list[dict], path: str, title: str) -> None:
 
 
 def accuracy_main(argv: list[str]) -> None:
-    parser = common.OneLineErrorParser(
+    parser = engine.OneLineErrorParser(
         description="Issue 16: pretrain every method under one protocol (same data, encoder, augmentation, batch "
                     "and number of images seen; each method's hyper-parameters at the script's defaults, epoch "
                     "counts scaled to the run) and evaluate each backbone alike (kNN k 200 t 0.1 and the linear "
@@ -890,7 +891,7 @@ def accuracy_main(argv: list[str]) -> None:
         "test_images": len(data.test), "image_size": data.image_size, "arch": preset.arch,
         "batch_size": preset.batch_size, "epochs": preset.epochs, "steps": steps,
         "images_seen": steps * preset.batch_size, "workers": preset.workers,
-        "augmentation": "MoCo v2 / SimCLR recipe (common.pretrain_transform, or common.DeviceAugment where the "
+        "augmentation": "MoCo v2 / SimCLR recipe (common.pretrain_transform, or engine.DeviceAugment where the "
                         "script has --augment device: the same distribution); one view per image for IRing",
         "scaled_defaults": {script: scaled_defaults(script, preset.epochs) for script in EPOCH_COUNTED},
         "scaling_rule": "a default counted in epochs of the script's default run (--epochs default) is moved to "
@@ -917,7 +918,7 @@ def accuracy_main(argv: list[str]) -> None:
             report = {"protocol": protocol, "results": summarize(records), "failed": failed, "missing": missing,
                       "machine": machine(device), "wall_s": time.perf_counter() - start,
                       "run_s": sum(r.get("train_s", 0.0) + r["eval_s"] for r in done)}
-            common.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+            engine.atomic_write(Path(args.json), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
 
     for seed in range(seeds):  # seed by seed: an interrupted preset has every method at the seeds it finished
         for name in args.methods:
@@ -956,7 +957,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
-    parser = common.OneLineErrorParser(description=__doc__.split("\n\n")[0],
+    parser = engine.OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("method", choices=sorted(BENCHMARKS), help="which method to time against its baseline")
     parser.add_argument("--arch", default="small", choices=("small", "resnet18", "resnet50"), help="backbone")
@@ -966,7 +967,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 5 warm-up steps)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    device = common.init_distributed()
+    device = engine.init_distributed()
     torch.backends.cudnn.benchmark = True
     rows = BENCHMARKS[args.method](args, device)
     base = rows[0]["images_per_s"]

@@ -1,39 +1,25 @@
-"""What the method scripts share: config, distributed helpers, encoders, queue, momentum update, augmentations,
-datasets, kNN / linear-probe evaluation, run directory and checkpoints, and two commands on finished runs.
+"""What a method needs, shared by the scripts: distributed gathers, encoders, the queue and momentum update, the
+augmentation recipe, datasets, kNN and linear-probe evaluation, and, last, the audio-visual data of moco_acc.py.
 
-Every method script (moco_ring.py, adco.py, mmcl.py, moco_acc.py) keeps its own paper's algorithm, loss and
-training loop; this module is the toolbox under them. Nothing heavy happens at import.
-
-Linear probe on any saved checkpoint (frozen backbone, features cached once, logistic regression on top):
-    python common.py probe runs/moco_ring/checkpoint.pt --epochs 100
-Curves of any runs, one line per run (needs matplotlib, which training does not):
-    python common.py plot runs/moco_ring runs/adco --out curves.png
+Every method script (moco_ring.py, adco.py, mmcl.py, moco_acc.py, moco_taxonomy.py) keeps its own paper's
+algorithm, loss and training loop; this module is the toolbox under them. The run machinery that holds no
+equation (flags, run directory, checkpoints, stopping, the device data path, the probe and plot commands) is in
+engine.py. Nothing heavy happens at import.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import math
-import os
 import random
-import signal
-import subprocess
 import sys
-import threading
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-CHECKPOINT_FORMAT = "negsampling-checkpoint-v1"
 
 
 def fail(message: str) -> None:
@@ -50,158 +36,9 @@ class DataError(Exception):
     loader worker; `run_main` turns it into one error line naming the file."""
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """A script's entry point: run `main`, turn a DataError (re-raised by the DataLoader with the worker's traceback
-    folded into its message) into one error line, and leave the process group cleanly."""
-    try:
-        main()
-    except DataError as e:
-        last_line = str(e).strip().splitlines()[-1]
-        fail(last_line.split("DataError: ", 1)[-1])
-    shutdown_distributed()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Config: one typed dataclass per script; its fields become the argparse flags
-# ---------------------------------------------------------------------------------------------------------------------
-class Check(NamedTuple):
-    """What a valid value of a flag is: `accepts(value)` and the rule in words, for the help and the error line."""
-    accepts: Callable[[Any], bool]
-    rule: str
-
-
-def _number_check(test: Callable[[float], bool], rule: str, allow_inf: bool) -> Check:
-    # NaN fails every comparison, so it is refused by construction; inf only where a flag gives it a meaning.
-    return Check(lambda v: not math.isnan(v) and (allow_inf or not math.isinf(v)) and test(v), rule)
-
-
-def at_least(low: float, allow_inf: bool = False) -> Check:
-    return _number_check(lambda v: v >= low, f">= {low}", allow_inf)
-
-
-def greater_than(low: float, allow_inf: bool = False) -> Check:
-    return _number_check(lambda v: v > low, f"> {low}", allow_inf)
-
-
-def between(low: float, high: float, include_high: bool = True) -> Check:
-    """low <= value <= high, or low <= value < high with include_high=False (a momentum must stay below 1)."""
-    if include_high:
-        return _number_check(lambda v: low <= v <= high, f"in [{low}, {high}]", False)
-    return _number_check(lambda v: low <= v < high, f"in [{low}, {high})", False)
-
-
-def each(check: Check) -> Check:
-    """For tuple flags: every item must pass `check`."""
-    return Check(lambda values: all(check.accepts(v) for v in values), f"each {check.rule}")
-
-
-POSITIVE = greater_than(0)
-NON_NEGATIVE = at_least(0)
-
-
-def option(default: Any, help: str, choices: Sequence[Any] | None = None, check: Check | None = None) -> Any:
-    """A config field whose default, help text and valid range live in one place (the help shows the default and
-    the rule; `parse_config` refuses a value outside it with one error line, before anything is touched)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one error line (not the whole usage block) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def parse_config(config_class: type, argv: Sequence[str] | None = None, description: str | None = None):
-    """Turn a config dataclass into argparse flags (`batch_size` -> `--batch-size`), parse, return an instance.
-
-    Unknown flags and wrong types are rejected by argparse; booleans get `--flag / --no-flag`; a value outside its
-    field's `check` is rejected the same way (exit 2, one line), before any file or process group is touched.
-    """
-    parser = OneLineErrorParser(description=(description or "").split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        kind, help, choices = hints[field.name], field.metadata["help"], field.metadata.get("choices")
-        check = field.metadata.get("check")
-        if check is not None:
-            help = f"{help} ({check.rule})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
-        elif get_origin(kind) is tuple:  # tuple[float, ...]: `--flag 1 2 3`
-            item = get_args(kind)[0]
-            parser.add_argument(flag, type=item, nargs="*", default=field.default, help=help, choices=choices,
-                                metavar=item.__name__.upper())
-        else:
-            parser.add_argument(flag, type=kind, default=field.default, help=help, choices=choices,
-                                metavar=None if choices else kind.__name__.upper())
-    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
-    for field in dataclasses.fields(config_class):
-        check = field.metadata.get("check")
-        if check is not None and not check.accepts(values[field.name]):
-            value = " ".join(map(str, values[field.name])) if isinstance(values[field.name], tuple) else values[field.name]
-            parser.error(f"argument --{field.name.replace('_', '-')}: {value} is out of range (must be {check.rule})")
-    if "resume" in values and "out_dir" in values:
-        # The flags typed on this command line (not their defaults): those are what a resumed run must match.
-        typed = {token.split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv)}
-        given = {action.dest: values[action.dest] for action in parser._actions
-                 if action.dest in values and typed.intersection(action.option_strings)}
-        values = continue_run(values, given)
-    return config_class(**values)
-
-
-def continue_run(values: dict, given: dict) -> dict:
-    """Resume by re-running (as DINO does: the run directory is the identity). The checkpoint is --resume's (a
-    checkpoint.pt or a run directory), else the one already in --out-dir; without either this is a fresh run.
-    Flags not given come from the checkpoint's config; given ones must agree with it, except those that do not
-    change the trajectory (RESUME_MAY_CHANGE, and the same data folder spelled differently)."""
-    if values["resume"]:
-        path = Path(values["resume"])
-        path = path / "checkpoint.pt" if path.is_dir() else path
-    else:
-        path = Path(values["out_dir"]) / "checkpoint.pt"
-        if not path.is_file():
-            return values  # a fresh run (a directory without a checkpoint holds no run to continue)
-    saved = load_checkpoint(str(path))["config"]
-    different = sorted(name for name, value in given.items()
-                       if name in saved and not same_setting(name, value, saved[name]))
-    if different:
-        diffs = ", ".join(f"--{name.replace('_', '-')} {saved[name]!r} -> {given[name]!r}" for name in different)
-        fail(f"{path} was trained with other settings ({diffs}); to start a new run, pass another --out-dir")
-    resumed = {**values, **{name: value for name, value in saved.items() if name in values and name not in given}}
-    return {**resumed, "resume": str(path)}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Distributed: torchrun's environment decides; a world of one otherwise, where every gather is the identity
 # ---------------------------------------------------------------------------------------------------------------------
-def init_distributed() -> torch.device:
-    """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE) and return this process's device.
-
-    nccl on GPUs, gloo on CPUs. Each rank takes GPU LOCAL_RANK (the original MoCo put every rank on GPU 0).
-    """
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    # The scripts pass DistributedDataParallel(broadcast_buffers=False): torch 2.14 calls that deprecated in favour
-    # of `forward_sync_buffers`, which torch 2.11 lacks. Both versions must run, so I keep the old spelling.
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return device
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group cleanly at the end of a script: wait for every rank (rank 0 may still be writing the
-    checkpoint), then destroy the group, so no rank exits while another still talks to it. No-op alone."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -431,450 +268,6 @@ class MultiView:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Device augmentation and in-memory datasets (issue 13): the MoCo v2 / SimCLR recipe of `pretrain_transform`,
-# applied to a uint8 batch on the training device, every sample with parameters drawn from its own seed
-# ---------------------------------------------------------------------------------------------------------------------
-# Why not kornia: it draws a batch's parameters from the global generator as one tensor, so a sample's crop would
-# depend on its batch position and on the RNG state (exact resume and 1 == N processes would need a wrapper around
-# every sampler), and it would be a run-time dependency for about 200 lines. The ops below are torchvision's own
-# formulas; tests/test_augment.py checks them op by op against torchvision.transforms.functional.
-AUGMENT_CHOICES = ("device", "cpu")
-_UNIFORMS_PER_VIEW = 64  # counters reserved per view in a sample's random stream (53 used)
-_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes, then falls back to a centre crop
-
-
-def _splitmix64(x):
-    """The splitmix64 finaliser on a numpy uint64 array (wraps modulo 2^64 by definition, on every CPU)."""
-    import numpy as np
-
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def seeded_uniforms(seeds: torch.Tensor, count: int, stream: int = 0) -> torch.Tensor:
-    """`count` uniforms in [0, 1) per seed: N seeds -> Nxcount float64. Counter-based (splitmix64 of the mixed seed
-    plus the counter), so row i is a pure function of seeds[i], the stream and the counter: it never depends on
-    the batch it sits in, the batch size, the device or any generator state. `stream` separates the views."""
-    import numpy as np
-
-    mixed = _splitmix64(seeds.cpu().numpy().astype(np.uint64)[:, None] + np.uint64(0x9E3779B97F4A7C15))
-    counters = np.arange(stream * count + 1, (stream + 1) * count + 1, dtype=np.uint64)[None, :]
-    bits = _splitmix64(mixed + counters * np.uint64(0x9E3779B97F4A7C15))
-    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)  # 53 random bits, as torch
-
-
-class ViewParams(NamedTuple):
-    """One view's parameters for N samples (CPU tensors), what torchvision's transforms would draw for each sample:
-    crop box (top, left, height, width: RandomResizedCrop.get_params), jitter applied (RandomApply p=0.8), the
-    order of brightness/contrast/saturation/hue (ColorJitter.get_params' randperm: Nx4 op ids) and their factors
-    (Nx4: b, c, s in [0.6, 1.4], h in [-0.1, 0.1]), grayscale (p=0.2), blur applied (p=0.5) and its sigma, flip."""
-    top: torch.Tensor
-    left: torch.Tensor
-    height: torch.Tensor
-    width: torch.Tensor
-    jitter: torch.Tensor
-    order: torch.Tensor
-    factors: torch.Tensor
-    grayscale: torch.Tensor
-    blur: torch.Tensor
-    sigma: torch.Tensor
-    flip: torch.Tensor
-
-
-class DeviceAugment:
-    """`pretrain_transform` on a batch: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3), bilinear with
-    torchvision's antialias), colour jitter 0.4/0.4/0.4/0.1 in a random order with p=0.8, grayscale p=0.2, Gaussian
-    blur (kernel 10% of the side, sigma in (0.1, 2), p=0.5) from 64 px up, horizontal flip, normalisation.
-
-    `augment(images, seeds, view)`: images NxCxHxW uint8 on any device (all one size), seeds N int64 (the
-    EpochSampler's) -> NxCxSxS float32, S = image_size. Sample i's parameters are `seeded_uniforms(seeds[i], ..,
-    stream=view)`: a pure function of its seed, hence exact resume and 1-process == N-process parity."""
-
-    CPU_CHUNK = 128  # images per slice on a CPU: measured fastest; 64 or 96 ~1.1x slower, 256 ~1.3x
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2):
-        self.size, self.min_scale = image_size, min_scale
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        self.blur_kernel = int(0.1 * image_size) // 2 * 2 + 1 if image_size >= 64 else 0  # as pretrain_transform
-
-    def __call__(self, images: torch.Tensor, seeds: torch.Tensor, view: int = 0) -> torch.Tensor:
-        params = self.params(seeds, images.shape[-2], images.shape[-1], view)
-        if images.device.type != "cpu":
-            return self.apply(images, params)
-        # On a CPU: one thread, as the ~100 small ops gain nothing from more and lose much at each op's barrier
-        # when the cores are busy (measured end to end: 15 images/s with 2 threads against 51 for the step alone);
-        # slices of CPU_CHUNK images keep the intermediates in the cache, each written straight into its rows of
-        # the result. Each sample's result is the same either way.
-        out = torch.empty(images.shape[0], images.shape[1], self.size, self.size)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for start in range(0, images.shape[0], self.CPU_CHUNK):
-                rows = slice(start, start + self.CPU_CHUNK)
-                self.apply(images[rows], ViewParams(*(t[rows] for t in params)), out=out[rows])
-        finally:
-            torch.set_num_threads(threads)
-        return out
-
-    def views(self, images: torch.Tensor, seeds: torch.Tensor, num_views: int) -> list[torch.Tensor]:
-        return [self(images, seeds, view) for view in range(num_views)]
-
-    def params(self, seeds: torch.Tensor, height: int, width: int, view: int = 0) -> ViewParams:
-        u = seeded_uniforms(seeds, _UNIFORMS_PER_VIEW, stream=view)  # u: Nx64, one column per draw
-        a = _CROP_ATTEMPTS
-        # RandomResizedCrop.get_params, its 10 attempts at once: area fraction ~ U(scale), log-ratio ~ U(log ratio),
-        # the first attempt whose box fits wins; none fits: the centre crop clamped to the ratio range.
-        area = height * width * (self.min_scale + (1.0 - self.min_scale) * u[:, 0:a])  # Nx10
-        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, a:2 * a]
-        w = torch.sqrt(area * torch.exp(log_ratio)).round()  # round half to even, as Python's round()
-        h = torch.sqrt(area / torch.exp(log_ratio)).round()
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # first fitting attempt (0 where none fits)
-        h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-        top = (u[:, 2 * a] * (height - h + 1)).floor()  # torch.randint(0, height - h + 1)
-        left = (u[:, 2 * a + 1] * (width - w + 1)).floor()
-        none_fit = ~fits.any(1)
-        if none_fit.any():
-            in_ratio = width / height
-            fh, fw = ((round(width / (3 / 4)), width) if in_ratio < 3 / 4 else
-                      (height, round(height * 4 / 3)) if in_ratio > 4 / 3 else (height, width))
-            h[none_fit], w[none_fit] = float(fh), float(fw)
-            top[none_fit], left[none_fit] = float((height - fh) // 2), float((width - fw) // 2)
-        b = 2 * a + 2  # 22 columns used so far
-        factors = torch.stack([0.6 + 0.8 * u[:, b + 5], 0.6 + 0.8 * u[:, b + 6], 0.6 + 0.8 * u[:, b + 7],
-                               -0.1 + 0.2 * u[:, b + 8]], dim=1)  # ColorJitter(0.4, 0.4, 0.4, 0.1).get_params
-        return ViewParams(top.long(), left.long(), h.long(), w.long(), jitter=u[:, b] < 0.8,
-                          order=u[:, b + 1:b + 5].argsort(1),  # a uniformly random permutation of the 4 ops
-                          factors=factors.float(), grayscale=u[:, b + 9] < 0.2,
-                          blur=(u[:, b + 10] < 0.5) & (self.blur_kernel > 0),
-                          sigma=(0.1 + 1.9 * u[:, b + 11]).float(), flip=u[:, b + 12] < 0.5)
-
-    def apply(self, images: torch.Tensor, p: ViewParams, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The view of each image for the given parameters: crop + resize + flip, jitter, grayscale, blur, normalise
-        (into `out` when given)."""
-        device, (height, width) = images.device, images.shape[-2:]
-        # The rows to blur and to hue are read from the parameters as drawn, on the CPU: a GPU is never waited for
-        # (nonzero() on a device tensor would wait for everything queued before it, the training step included).
-        drawn, blurred = p, p.blur.nonzero().squeeze(1)
-        p = ViewParams(*(t.to(device, non_blocking=True) for t in p))
-        if height <= self.size and width <= self.size and self.size & (self.size - 1) == 0:  # e.g. CIFAR at 32 px
-            x = crop_enlarge(images, p, self.size).div_(255.0)  # x: NxCxSxS in [0, 1]
-        else:  # some crops shrink (the antialiased filter), or S is no power of two (see crop_enlarge)
-            rows = resize_matrix(p.top, p.height, height, self.size).div_(255.0)  # NxSxH, ToTensor's /255 folded in
-            cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
-            x = crop_resize(images, rows, cols)
-        color_jitter(x, drawn.jitter, drawn.order, drawn.factors)
-        if len(blurred):  # before the grayscale (pretrain_transform blurs after it): both are linear and the blur
-            # treats every channel alike, so they commute up to float rounding; the grayscale then joins Normalize
-            blurred = blurred.to(device, non_blocking=True)
-            x[blurred] = gaussian_blur(x[blurred], self.blur_kernel, p.sigma[blurred])
-        # Flipping last (pretrain_transform's order) or first gives the same image: the colour ops act per pixel
-        # and the blur is symmetric with reflect padding, so the flip lives in the crop (mirrored columns).
-        return grayscale_normalize(x, p.grayscale, self.mean.to(device), self.std.to(device), out)
-
-
-def resize_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
-                  flip: torch.Tensor | None = None) -> torch.Tensor:
-    """NxSxI matrices (S = out_size, I = in_size): row o holds the weights of the input pixels that make output
-    pixel o when the pixels [start, start + length) of each sample are resized to S pixels, bilinear with
-    antialiasing when shrinking: the filter of PIL and of torch's `interpolate(..., antialias=True)` (what
-    torchvision's resized_crop uses): a triangle of half-width max(scale, 1) centred on (o + 0.5) * scale, cut to
-    the crop, normalised. `flip`: mirror those samples' outputs."""
-    device = start.device
-    scale = (length.float() / out_size).view(-1, 1, 1)  # input pixels per output pixel
-    center = (torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale  # NxSx1
-    if flip is not None:
-        center = torch.where(flip.view(-1, 1, 1), center.flip(1), center)
-    pixel = torch.arange(in_size, device=device).view(1, 1, -1) - start.view(-1, 1, 1)  # Nx1xI, crop coordinates
-    inside = ((pixel >= 0) & (pixel < length.view(-1, 1, 1))).float()
-    weight = (pixel.float() + 0.5 - center).abs_().div_(scale.clamp(min=1.0)).neg_().add_(1.0).clamp_(min=0.0)
-    weight.mul_(inside)  # 1 - |distance| / half-width, outside the crop: 0
-    return weight.div_(weight.sum(2, keepdim=True))
-
-
-def crop_resize(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """out[n, c] = rows[n] @ images[n, c] @ cols[n].T for NxCxHxW images, NxSxH rows, NxSxW cols: each sample's
-    own crop and resize as two batched matrix products (the separable filter; faster than a gather on a CPU)."""
-    n, c, height, width = images.shape
-    x = torch.bmm(images.float().view(n, c * height, width), cols.transpose(1, 2))  # Nx(C*H)xS
-    return torch.matmul(rows.unsqueeze(1), x.view(n, c, height, -1))  # NxCxSxS
-
-
-def crop_enlarge(images: torch.Tensor, p: ViewParams, size: int) -> torch.Tensor:
-    """crop_resize's result (NxCxSxS, S = size, pixel values as given) when no crop is larger than S: the
-    antialiased filter then is plain bilinear, the triangle of half-width 1 at u = (o + 0.5) * scale - 0.5 crop
-    pixels, cut to the crop and renormalised, i.e. u clamped to [0, length - 1] (torch's interpolate, which
-    torchvision's resized_crop calls, clamps the same way). grid_sample does that in one pass over the output,
-    1.2-1.9x faster on a CPU than building the matrices and the two products (measured); flips mirror u.
-    Only for S a power of two: grid_sample's [-1, 1] coordinates go through (g + 1) * S / 2, which is exact then
-    but otherwise shifts u by up to ~S * 1.2e-7 pixels (1.1e-5 in pixel value at 96 px, measured)."""
-    n, _, height, width = images.shape
-
-    def coordinates(start, length, in_size, flip=None):  # NxS, in grid_sample's [-1, 1] (align_corners=False)
-        u = (torch.arange(size, device=images.device) + 0.5) * (length.float().view(-1, 1) / size) - 0.5
-        u = torch.minimum(u.clamp_(min=0.0), (length - 1).float().view(-1, 1)).add_(start.view(-1, 1))
-        if flip is not None:
-            u = torch.where(flip.view(-1, 1), u.flip(1), u)
-        return u.add_(0.5).mul_(2.0 / in_size).sub_(1.0)
-
-    rows, cols = coordinates(p.top, p.height, height), coordinates(p.left, p.width, width, p.flip)
-    grid = torch.stack(torch.broadcast_tensors(cols.view(n, 1, size), rows.view(n, size, 1)), dim=-1)  # NxSxSx2
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Nx3xHxW -> Nx1xHxW luma with torchvision's rgb_to_grayscale weights (ITU-R 601-2), as one matrix product
-    (same value, 2.5x faster on the CPU than the weighted sum of three planes)."""
-    n, _, height, width = x.shape
-    return torch.matmul(_LUMA.to(x.device), x.reshape(n, 3, height * width)).view(n, 1, height, width)
-
-
-_LUMA = torch.tensor([0.2989, 0.587, 0.114])
-
-
-def grayscale_normalize(x: torch.Tensor, gray: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
-    """RandomGrayscale (the samples where `gray`, N bool, become their luma in every channel) then Normalize(mean,
-    std), in two passes over the batch instead of four: out = x (1 - g) / std + luma(x) g / std - mean / std with g
-    = 1 on the grey samples, 0 elsewhere (x exactly: luma * 0 adds 0). Same value up to float rounding."""
-    g = gray.to(x.dtype).view(-1, 1, 1, 1)
-    inv_std = std.reciprocal()
-    out = torch.addcmul(-mean * inv_std, x, (1.0 - g) * inv_std, out=out)
-    return out.addcmul_(grayscale(x), g * inv_std)
-
-
-def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_hue (RGB -> HSV, h + hue mod 1, HSV -> RGB) for N images and N factors, in the closed
-    form that never builds the HSV image: a hue rotation keeps each pixel's max and min channel, and channel c of
-    the result is min + (max - min) * clamp(||k| - 3| - 1, 0, 1) with k = 6h + s_c, s = 0, -2, -4 for R, G, B.
-    That is torchvision's _hsv2rgb sector table (max - (max - min) * clamp(2 - |k' - 2|, 0, 1), k' = (6h + 5, 3, 1)
-    mod 6) with the "mod 6" dropped: 6h + 6 hue in [-1.6, 5.6) keeps k in [-5.6, 5.6), where ||k| - 3| is the
-    distance from k + 3 to the nearest multiple of 6, which is |k' - 2| wherever the clamp tells them apart (below
-    2). Same value up to float rounding.
-    Written for the CPU, where it was the costliest op: amax/amin, comparisons into float masks blended by lerp
-    (exact for 0/1 weights) and no remainder run ~3x faster than maximum on channel views, torch.where on bool
-    masks and remainder (measured)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    spread = maxc - minc
-    divisor = spread.clamp(min=torch.finfo(x.dtype).tiny)  # grey pixels: 0 / tiny = 0; any hue gives max there
-    max_is_r = torch.eq(maxc, r, out=torch.empty_like(maxc))  # 1.0 / 0.0
-    max_is_g = torch.eq(maxc, g, out=torch.empty_like(maxc))
-    # 6h by torchvision's _rgb2hsv sectors, first match wins: max = r: (g - b) / d; max = g: 2 + (b - r) / d; else
-    # max = b: 4 + (r - g) / d. In [-1, 5).
-    h6 = torch.lerp((r - g).div_(divisor).add_(4.0), (b - r).div_(divisor).add_(2.0), max_is_g)
-    h6 = torch.lerp(h6, (g - b).div_(divisor), max_is_r)
-    h6.add_(6.0 * hue.view(-1, 1, 1))
-    k = h6.unsqueeze(1) + _HUE_SHIFTS.to(x.device)  # k: Nx3xHxW
-    k.abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)  # the clamp's "- 1" goes into the base: min - (max - min)
-    return torch.addcmul(minc.sub_(spread).unsqueeze(1), spread.unsqueeze(1), k)
-
-
-_HUE_SHIFTS = torch.tensor([0.0, -2.0, -4.0]).view(1, 3, 1, 1)
-
-
-def color_jitter(x: torch.Tensor, applied: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> None:
-    """ColorJitter in place, with per-sample factors (Nx4: brightness, contrast, saturation, hue) applied in each
-    sample's own order (Nx4 op ids) to the samples where `applied`, clamped to [0, 1] after each op.
-    Brightness, contrast and saturation are all torchvision's _blend, clamp(f x + (1 - f) target) with target
-    black, the image's mean grey level and the grey image. So at each of the 4 positions one pass does
-    x <- clamp(a x + b gray + c) for the whole batch, each sample with the weights of the op it has there
-    (brightness a = f; contrast a = f, c = (1 - f) mean; saturation a = f, b = 1 - f) or the identity (a = 1, b =
-    c = 0: x exactly) where it has hue or no jitter; then the hue runs on the rows that have it there. (Gathering
-    the rows of each of the 16 (position, op) pairs cost about twice as much on a CPU, measured.)
-    The parameters may stay on the CPU while x is on a GPU (DeviceAugment.apply): the weights then travel as three
-    Nx4 tensors and the rows to hue are found on the host, without waiting for the GPU."""
-    at_position = factors.gather(1, order)  # Nx4: the factor of the op at each position
-    blend = applied.view(-1, 1) & (order != 3)
-    weight_x = torch.where(blend, at_position, 1.0)  # a, Nx4
-    weight_gray = torch.where(blend & (order == 2), 1.0 - at_position, 0.0)  # b
-    weight_mean = torch.where(blend & (order == 1), 1.0 - at_position, 0.0)  # c / mean
-    hue = applied.view(-1, 1) & (order == 3)
-    weight_x, weight_gray, weight_mean = (w.to(x.device, non_blocking=True)
-                                          for w in (weight_x, weight_gray, weight_mean))
-    n, _, height, width = x.shape
-    luma = _LUMA.to(x.device)
-    for position in range(4):
-        mean_gray = x.mean((2, 3)) @ luma  # N: the mean of the grey image, as the luma of the channel means
-        # b gray + c = b luma . x + c: one batched product (Nx1x3 @ Nx3x(HW), plus c) for the whole target
-        target = torch.baddbmm((weight_mean[:, position] * mean_gray).view(-1, 1, 1),
-                               weight_gray[:, position].view(-1, 1, 1) * luma, x.view(n, 3, height * width))
-        torch.addcmul(target.view(n, 1, height, width), x, weight_x[:, position].view(-1, 1, 1, 1),
-                      out=x).clamp_(0.0, 1.0)
-        rows = hue[:, position].nonzero().squeeze(1)
-        if len(rows):
-            shifts = at_position[rows, position].to(x.device, non_blocking=True)
-            rows = rows.to(x.device, non_blocking=True)
-            x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), shifts))
-
-
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
-    """torchvision's gaussian_blur (reflect padding, kernel of `kernel_size` taps) with a sigma per sample, as two
-    1-D passes (the 2-D kernel is their outer product)."""
-    n, c, height, width = x.shape
-    half = (kernel_size - 1) * 0.5
-    taps = torch.linspace(-half, half, kernel_size, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C)xk, one kernel per plane
-    pad = kernel_size // 2
-    planes = F.pad(x.reshape(1, n * c, height, width), [pad, pad, pad, pad], mode="reflect")
-    planes = F.conv2d(planes, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
-    planes = F.conv2d(planes, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return planes.view(n, c, height, width)
-
-
-class ImagesInMemory(NamedTuple):
-    """A dataset decoded once: `images` NxCxHxW uint8 (on the training device when there is room), `labels` N."""
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-def dataset_bytes(dataset) -> int:
-    """Bytes a dataset takes as one uint8 RGB tensor: torchvision's CIFAR and STL-10 keep their pixels in `.data`;
-    otherwise the first image's size times the count."""
-    if hasattr(dataset, "data"):
-        return int(dataset.data.size)
-    width, height = dataset[0][0].size
-    return len(dataset) * 3 * height * width
-
-
-def fits_in_memory(dataset, device: torch.device) -> bool:
-    """Whether the images fit in a quarter of the device's memory (GPU) or of the machine's RAM (CPU): CIFAR's
-    150 MB and STL-10's 3.9 GB do on a 16 GB machine; a large ImageFolder keeps the PIL path."""
-    if device.type == "cuda":
-        room = torch.cuda.mem_get_info(device)[1]
-    else:
-        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return dataset_bytes(dataset) <= room // 4
-
-
-def augment_path(requested: str, dataset, device: torch.device) -> str:
-    """The data path for --augment: 'device' when asked and the images fit (fits_in_memory), else 'cpu' (PIL in
-    loader workers), saying so on the main process."""
-    if requested == "device" and not fits_in_memory(dataset, device):
-        if is_main():
-            print(f"note: the images ({dataset_bytes(dataset) / 2**30:.1f} GiB) do not fit in a quarter of the "
-                  f"{device.type} memory: augmenting with PIL in loader workers (--augment cpu)")
-        return "cpu"
-    return requested
-
-
-def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesInMemory:
-    """Decode a dataset of (PIL image, label) once into an ImagesInMemory on `device`. torchvision's CIFAR and
-    STL-10 arrays are taken as they are; any other dataset (an ImageFolder, FakeData) is decoded image by image,
-    in `workers` processes; an unreadable file stops with one line naming it (read_image's DataError)."""
-    import numpy as np
-
-    if hasattr(dataset, "data") and isinstance(dataset.data, np.ndarray) and dataset.data.dtype == np.uint8:
-        data = torch.from_numpy(dataset.data)
-        images = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR: NxHxWx3 -> Nx3xHxW
-        labels = torch.as_tensor(np.asarray(getattr(dataset, "targets", getattr(dataset, "labels", None))))
-        return ImagesInMemory(images.contiguous().to(device), labels.long())
-    loader = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=256, num_workers=workers,
-                                         collate_fn=list, generator=torch.Generator())
-    pairs = [pair for batch in loader for pair in batch]
-    sizes = {image.shape[:2] for image, _ in pairs}
-    if len(sizes) > 1:
-        fail(f"the images are not all one size ({', '.join('x'.join(map(str, s)) for s in sorted(sizes)[:3])}...): "
-             "the device augmentation holds them as one tensor; use --augment cpu")
-    images = torch.from_numpy(np.stack([image for image, _ in pairs])).permute(0, 3, 1, 2)  # NxHxWx3 -> Nx3xHxW
-    return ImagesInMemory(images.contiguous().to(device), torch.tensor([label for _, label in pairs]))
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """(PIL image, label) -> (HxWx3 uint8 numpy array, label). Arrays, not tensors: a worker sends each tensor
-    through a file descriptor, and 256 of them per batch exceed the open-file limit."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        import numpy as np
-
-        image, label = self.base[i]
-        return np.asarray(image.convert("RGB")), label
-
-
-class DeviceViewLoader:
-    """The device path's stand-in for `make_loader(AugmentedViews(...), ..., sampler)`: iterating it yields, per
-    batch, the same pair the DataLoader would, (views, labels), or (views, indices) with `yield_index` (IRing's
-    bank). views: `num_views` NxCxSxS float tensors on the images' device, made by `augment` from the seeds the
-    sampler hands out; labels or indices: N int64 on the CPU. No worker processes: while the step runs on batch t,
-    one background thread indexes and augments batch t + 1 (as a DataLoader's workers prefetch), so augmenting
-    overlaps the step instead of adding to it (2-core CPU, `benchmark.py data`: 98% of the step-only rate against
-    94% without). A batch is a pure function of the sampler's seeds: which thread makes it changes no number."""
-
-    def __init__(self, memory: ImagesInMemory, augment: DeviceAugment, num_views: int, sampler: EpochSampler,
-                 batch_size: int, yield_index: bool = False):
-        self.memory, self.augment, self.num_views = memory, augment, num_views
-        self.sampler, self.batch_size, self.yield_index = sampler, batch_size, yield_index
-
-    def __len__(self):
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        batches, device = self._batches(), self.memory.images.device
-        # torch ops release the GIL: a real second thread. On a GPU it takes the data's device as its current one, so
-        # that under torchrun it never opens a context on GPU 0 (a new thread starts there).
-        with ThreadPoolExecutor(1, initializer=torch.cuda.set_device if device.type == "cuda" else None,
-                                initargs=(device,)) as prefetcher:
-            upcoming = prefetcher.submit(next, batches, None)
-            while (batch := upcoming.result()) is not None:  # re-raises what the thread raised
-                upcoming = prefetcher.submit(next, batches, None)
-                yield batch
-
-    def _batches(self):
-        import itertools
-
-        pairs = iter(self.sampler)
-        while batch := list(itertools.islice(pairs, self.batch_size)):
-            index, seeds = torch.tensor(batch, dtype=torch.long).T  # index: N, seeds: N (< 2^62)
-            images = self.memory.images[index.to(self.memory.images.device)]  # NxCxHxW uint8
-            views = self.augment.views(images, seeds, self.num_views)
-            yield views, (index if self.yield_index else self.memory.labels[index])
-
-
-class StepMetrics:
-    """What a training loop logs, kept on the device between log steps (issue 13: no host sync per step). `add`
-    (every step) queues two tiny device ops and never waits for the GPU; `pop` (every --log-every steps) returns
-    the last step's numbers as floats in one transfer, after calling `on_nonfinite(loss, step)` for the first step
-    since the previous pop whose loss was NaN or infinite, so a divergence is still named at the step it began."""
-
-    def __init__(self):
-        self.latest: dict = {}
-        self.bad_step: torch.Tensor | None = None  # step of the first non-finite loss since the last pop, or -1
-        self.bad_loss: torch.Tensor | None = None
-
-    def add(self, step: int, stats: dict) -> None:
-        self.latest = stats
-        loss = torch.as_tensor(stats["loss"]).detach().double()
-        if self.bad_step is None:
-            self.bad_step, self.bad_loss = torch.full_like(loss, -1.0), torch.zeros_like(loss)
-        first = ~torch.isfinite(loss) & (self.bad_step < 0)
-        self.bad_step = torch.where(first, float(step), self.bad_step)
-        self.bad_loss = torch.where(first, loss, self.bad_loss)
-
-    def pop(self, on_nonfinite: Callable[[float, int], Any]) -> dict:
-        if self.bad_step is None:  # nothing added since the last pop
-            return {}
-        on_device = [name for name, value in self.latest.items() if torch.is_tensor(value)]
-        values = torch.stack([self.latest[name].detach().double().reshape(()) for name in on_device] +
-                             [self.bad_step, self.bad_loss]).tolist()  # the one host sync
-        bad_step, bad_loss = values[-2:]
-        record = {**self.latest, **dict(zip(on_device, values))}
-        self.bad_step = self.bad_loss = None
-        if bad_step >= 0:
-            on_nonfinite(bad_loss, int(bad_step))
-        return record
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------------
 IMAGE_DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
@@ -1045,35 +438,131 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
                                        persistent_workers=persistent and workers > 0)
 
 
-def pretrain_batches(data: ImageData, augment: str, sampler: EpochSampler, num_views: int, batch_size: int,
-                     workers: int, device: torch.device, yield_index: bool = False):
-    """The training batches of an image script: per step (views, labels), or (views, training indices) with
-    `yield_index` (IRing's bank); views: `num_views` tensors NxCxSxS, augmented by the MoCo v2 / SimCLR recipe with
-    the seeds `sampler` hands out. --augment device (when the images fit, augment_path): decoded once into memory
-    on `device` and augmented there in batches (DeviceViewLoader); cpu: PIL in `workers` loader processes. Both
-    paths draw the same distribution of views; a resumed run and N processes see the views one process would."""
-    if augment_path(augment, data.pretrain, device) == "device":
-        return DeviceViewLoader(load_into_memory(data.pretrain, device, workers),
-                                DeviceAugment(data.image_size, data.mean, data.std), num_views, sampler, batch_size,
-                                yield_index)
-    transform = pretrain_transform(data.image_size, data.mean, data.std)
-    images = _WithIndex(data.pretrain) if yield_index else data.pretrain
-    return make_loader(AugmentedViews(images, MultiView([transform] * num_views)), batch_size, workers, device,
-                       sampler, persistent=True)
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: weighted kNN monitor (MoCo CIFAR demo / Wu et al. 2018) and linear probe
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized backbone features (NxD) and labels (N) of every sample the loader yields, eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for x, y in loader:
+        with autocast(device):
+            features.append(F.normalize(backbone(to_device(x, device)).float(), dim=1))
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
 
 
-class _WithIndex(torch.utils.data.Dataset):
-    """(image, label) -> (image, index): AugmentedViews hands the second item through, so the loader yields (views,
-    index). Pretraining never reads the label."""
+def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1) -> torch.Tensor:
+    """Weighted kNN: each of the k nearest bank entries (cosine) votes for its label with weight exp(sim/T).
+    features: NxD, bank: MxD (normalized), bank_labels: M -> predicted labels N."""
+    sim = features @ bank.T  # sim: NxM
+    top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # Nxk
+    votes = torch.zeros(features.shape[0], num_classes, device=features.device)
+    votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+    return votes.argmax(dim=1)
 
-    def __init__(self, base):
-        self.base = base
 
-    def __len__(self):
-        return len(self.base)
+def knn_accuracy(backbone: nn.Module, memory_loader, test_loader, num_classes: int, device: torch.device,
+                 k: int = 200, temperature: float = 0.1) -> float:
+    """kNN top-1 (%) of the test split against a bank of training features taken with test transforms."""
+    bank, bank_labels = extract_features(backbone, memory_loader, device)
+    correct = 0
+    for features, labels in zip(*(t.split(1024) for t in extract_features(backbone, test_loader, device))):
+        correct += (knn_predict(features, bank, bank_labels, num_classes, k, temperature) == labels).sum().item()
+    return 100.0 * correct / len(test_loader.dataset)
 
-    def __getitem__(self, index: int):
-        return self.base[index][0], index
+
+class KnnMonitor:
+    """kNN top-1 of a backbone during training: bank = training images with test transforms, queries = test split.
+    Runs on the main process (others wait at a barrier) and returns the accuracy there, None elsewhere."""
+
+    def __init__(self, data: ImageData, bank_size: int, test_size: int, k: int, temperature: float, workers: int,
+                 device: torch.device):
+        tf = eval_transform(data.image_size, data.mean, data.std)
+        self.memory = make_loader(Transformed(evenly_spaced_subset(data.memory, bank_size), tf), 256, workers, device)
+        self.test = make_loader(Transformed(evenly_spaced_subset(data.test, test_size), tf), 256, workers, device)
+        self.num_classes, self.k, self.temperature, self.device = data.num_classes, k, temperature, device
+
+    def __call__(self, backbone: nn.Module) -> float | None:
+        top1 = None
+        if is_main():
+            top1 = knn_accuracy(backbone, self.memory, self.test, self.num_classes, self.device, self.k,
+                                self.temperature)
+        if world_size() > 1:
+            dist.barrier()
+        return top1
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
+                 batch_size: int = 256, seed: int = 0) -> float:
+    """Logistic regression on frozen (cached, standardized) features, SGD with cosine lr; returns test top-1 (%)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    classifier = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    opt = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(train_x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train_x), generator=g).split(batch_size):
+            loss = F.cross_entropy(classifier(train_x[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return 100.0 * (classifier(test_x).argmax(1) == test_labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training conveniences
+# ---------------------------------------------------------------------------------------------------------------------
+PRECISION_CHOICES = ("auto", "bf16", "fp32")  # --precision
+SWITCH_CHOICES = ("auto", "on", "off")  # --channels-last
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for --precision bf16, none for fp32; 'auto': bf16 on a GPU, fp32 on a CPU (where bf16 is
+    slower and changes the numerics the equation tests pin down). The losses stay in fp32 either way."""
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def channels_last(setting: str, device: torch.device) -> bool:
+    """--channels-last: 'auto' is on for a GPU (faster convolutions with bf16), off for a CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def to_device(x, device: torch.device, channels_last: bool | None = None):
+    """Move a batch (tensor or list of tensors) to the device; 4-D images in channels_last memory format when
+    asked (None: on a GPU)."""
+    if isinstance(x, (list, tuple)):
+        return [to_device(v, device, channels_last) for v in x]
+    x = x.to(device, non_blocking=True)
+    if (device.type == "cuda" if channels_last is None else channels_last) and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up then half-cosine decay to 0, a function of the global step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1407,469 +896,3 @@ class PairKnn:
         if world_size() > 1:
             dist.barrier()
         return top1
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: weighted kNN monitor (MoCo CIFAR demo / Wu et al. 2018) and linear probe
-# ---------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalized backbone features (NxD) and labels (N) of every sample the loader yields, eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for x, y in loader:
-        with autocast(device):
-            features.append(F.normalize(backbone(to_device(x, device)).float(), dim=1))
-        labels.append(y.to(device))
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
-
-def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1) -> torch.Tensor:
-    """Weighted kNN: each of the k nearest bank entries (cosine) votes for its label with weight exp(sim/T).
-    features: NxD, bank: MxD (normalized), bank_labels: M -> predicted labels N."""
-    sim = features @ bank.T  # sim: NxM
-    top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # Nxk
-    votes = torch.zeros(features.shape[0], num_classes, device=features.device)
-    votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
-    return votes.argmax(dim=1)
-
-
-def knn_accuracy(backbone: nn.Module, memory_loader, test_loader, num_classes: int, device: torch.device,
-                 k: int = 200, temperature: float = 0.1) -> float:
-    """kNN top-1 (%) of the test split against a bank of training features taken with test transforms."""
-    bank, bank_labels = extract_features(backbone, memory_loader, device)
-    correct = 0
-    for features, labels in zip(*(t.split(1024) for t in extract_features(backbone, test_loader, device))):
-        correct += (knn_predict(features, bank, bank_labels, num_classes, k, temperature) == labels).sum().item()
-    return 100.0 * correct / len(test_loader.dataset)
-
-
-class KnnMonitor:
-    """kNN top-1 of a backbone during training: bank = training images with test transforms, queries = test split.
-    Runs on the main process (others wait at a barrier) and returns the accuracy there, None elsewhere."""
-
-    def __init__(self, data: ImageData, bank_size: int, test_size: int, k: int, temperature: float, workers: int,
-                 device: torch.device):
-        tf = eval_transform(data.image_size, data.mean, data.std)
-        self.memory = make_loader(Transformed(evenly_spaced_subset(data.memory, bank_size), tf), 256, workers, device)
-        self.test = make_loader(Transformed(evenly_spaced_subset(data.test, test_size), tf), 256, workers, device)
-        self.num_classes, self.k, self.temperature, self.device = data.num_classes, k, temperature, device
-
-    def __call__(self, backbone: nn.Module) -> float | None:
-        top1 = None
-        if is_main():
-            top1 = knn_accuracy(backbone, self.memory, self.test, self.num_classes, self.device, self.k,
-                                self.temperature)
-        if world_size() > 1:
-            dist.barrier()
-        return top1
-
-
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
-                 batch_size: int = 256, seed: int = 0) -> float:
-    """Logistic regression on frozen (cached, standardized) features, SGD with cosine lr; returns test top-1 (%)."""
-    g = torch.Generator().manual_seed(seed)
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
-    classifier = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    opt = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(train_x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x), generator=g).split(batch_size):
-            loss = F.cross_entropy(classifier(train_x[idx]), train_labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return 100.0 * (classifier(test_x).argmax(1) == test_labels).float().mean().item()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training conveniences
-# ---------------------------------------------------------------------------------------------------------------------
-PRECISION_CHOICES = ("auto", "bf16", "fp32")  # --precision
-SWITCH_CHOICES = ("auto", "on", "off")  # --channels-last
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast for --precision bf16, none for fp32; 'auto': bf16 on a GPU, fp32 on a CPU (where bf16 is
-    slower and changes the numerics the equation tests pin down). The losses stay in fp32 either way."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def channels_last(setting: str, device: torch.device) -> bool:
-    """--channels-last: 'auto' is on for a GPU (faster convolutions with bf16), off for a CPU."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
-def to_device(x, device: torch.device, channels_last: bool | None = None):
-    """Move a batch (tensor or list of tensors) to the device; 4-D images in channels_last memory format when
-    asked (None: on a GPU)."""
-    if isinstance(x, (list, tuple)):
-        return [to_device(v, device, channels_last) for v in x]
-    x = x.to(device, non_blocking=True)
-    if (device.type == "cuda" if channels_last is None else channels_last) and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
-    """Linear warm-up then half-cosine decay to 0, a function of the global step."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class CheckpointTimer:
-    """When a training loop should stop to save: every `minutes` of wall time, and at once after SIGTERM or SIGINT
-    (a preempted job, Ctrl-C). The loop breaks out of its epoch when `due()` says so; the code after the epoch then
-    saves as it does at an epoch end, and the loop goes on from the saved step exactly as a resumed run would (the
-    sampler skips the batches already trained), or `stop_if_signalled` ends the run with one line.
-
-    Under torchrun the ranks must agree (their clocks differ, and a signal may reach one rank only): one all-reduce
-    of two flags every DDP_CHECK_EVERY calls (an all-reduce read on the host waits for the GPU: issue 13's "no host
-    sync per step"; every rank calls `due` once per step, so they count alike). At world size one, no collective."""
-
-    DDP_CHECK_EVERY = 10
-
-    def __init__(self, minutes: float, device: torch.device):
-        self.interval, self.device = minutes * 60.0, device
-        self.last_save, self.stopping, self.signal_name = time.monotonic(), False, None
-        self.calls, self.handlers = 0, {}
-        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-            self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _on_signal(self, signum: int, frame) -> None:
-        if self.signal_name is not None:  # a second Ctrl-C: the user does not want to wait for the save
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def due(self) -> bool:
-        self.calls += 1
-        if world_size() > 1 and self.calls % self.DDP_CHECK_EVERY:
-            return False
-        flags = torch.tensor([float(self.signal_name is not None),
-                              float(self.interval > 0 and time.monotonic() - self.last_save >= self.interval)])
-        if world_size() > 1:
-            flags = flags.to(self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.stopping = bool(flags[0])
-        return bool(flags.any())
-
-    def saved(self) -> None:
-        self.last_save = time.monotonic()
-
-    def stop_if_signalled(self, step: int, checkpoint: Path) -> None:
-        if self.stopping:
-            self.close()
-            fail(f"stopped by {self.signal_name or 'a signal to another rank'} at step {step}; the checkpoint is "
-                 f"saved in {checkpoint}: run the same command again to continue")
-
-    def close(self) -> None:
-        """Give the signals their previous handlers back (the scripts also run inside tests and notebooks)."""
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
-        self.handlers = {}
-
-
-@torch.no_grad()
-def average_bn_statistics(model: nn.Module) -> None:
-    """Average BatchNorm running statistics over the ranks before evaluating or saving: each rank's come from its
-    own slice of every batch, so rank 0's alone would make the saved model depend on the world size."""
-    if world_size() == 1:
-        return
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer)
-                buffer /= world_size()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Run directory: config.json, metrics.jsonl, checkpoint.pt (all written by the main process only)
-# ---------------------------------------------------------------------------------------------------------------------
-def git_state() -> dict:
-    """Provenance: the commit and whether the tree had uncommitted changes (None outside a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
-        return {"git_sha": sha.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_sha": None, "git_dirty": None}
-
-
-class RunDir:
-    """`--out-dir`: config.json (resolved config + provenance), metrics.jsonl (one JSON object per event).
-
-    A directory holds a run once it holds a checkpoint: one killed before its first save is started over. Resumed
-    at `step`, metrics.jsonl keeps the records up to that step only, so the replayed steps appear once."""
-
-    def __init__(self, out_dir: str, config: dict, script: str, resuming: bool, step: float = math.inf):
-        self.path, self.config = Path(out_dir), config
-        if not is_main():
-            return
-        if self.path.exists() and not self.path.is_dir():
-            fail(f"--out-dir {out_dir} is a file, not a directory")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"--out-dir {out_dir}: cannot create it ({e.strerror})")
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            fail(f"--out-dir {out_dir} is not writable")
-        if not resuming and self.checkpoint_path.exists():
-            # Never lose work (parse_config resumes a run found in --out-dir, so only a caller that bypasses it gets here).
-            fail(f"--out-dir {out_dir} already holds a run; re-run its command to continue it, or pass another --out-dir")
-        metrics = self.path / "metrics.jsonl"
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if resuming and _logged_step(line) <= step]
-            atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-        info = {"script": script, "config": config, **git_state(), "world_size": world_size(),
-                "torch": torch.__version__}
-        atomic_write(self.path / "config.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
-
-    def check_finite(self, loss: float, step: int) -> None:
-        """Stop at a NaN or infinite loss, naming the settings that usually cause it and what was saved."""
-        if math.isfinite(loss):
-            return
-        suspects = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in self.config.items()
-                             if (name in ("lr", "temperature", "tau") or name.endswith(("_lr", "_t")))
-                             and not name.startswith("knn_"))  # the kNN monitor's temperature is not trained with
-        saved = (f"The last checkpoint is kept in {self.checkpoint_path}; re-running resumes from it"
-                 if self.checkpoint_path.exists() else "No checkpoint had been written yet")
-        fail(f"the loss is {loss} at step {step}: training diverged. Usual causes: a learning rate too high or a "
-             f"temperature too small ({suspects}). {saved}")
-
-    def log(self, record: dict) -> None:
-        if is_main():
-            with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
-
-
-def _logged_step(line: str) -> float:
-    """The step of one metrics.jsonl record; a line cut short by a kill counts as after every step (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path: Path, script: str, config: dict, step: int, model: nn.Module,
-                    optimizers: dict[str, torch.optim.Optimizer], backbone: nn.Module) -> None:
-    """Full state (model with its queues/banks, every optimizer, RNG, step, config), atomically, main process only.
-    Learning-rate and threshold schedules are functions of `step`, so the step restores them. `backbone` is saved
-    again on its own for export (torch.save stores shared tensors once)."""
-    if not is_main():
-        return
-    state = {"format": CHECKPOINT_FORMAT, "script": script, "config": config, "step": step,
-             "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-             "rng": rng_state(), "backbone": backbone.state_dict()}
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
-# Flags that may change on --resume without changing the trajectory: where and how often things are written or
-# evaluated, how data is loaded, and how far to train (--epochs sets the schedules, so it may not change).
-RESUME_MAY_CHANGE = {"resume", "out_dir", "max_steps", "workers", "log_every", "knn_every", "checkpoint_minutes"}
-
-
-def same_setting(name: str, new: Any, saved: Any) -> bool:
-    """Whether a resumed run may use `new` where the checkpoint says `saved` (a data folder may be spelled
-    differently: relative, absolute, through a link)."""
-    if name in RESUME_MAY_CHANGE or new == saved:
-        return True
-    return name.endswith("_root") and isinstance(new, str) and isinstance(saved, str) and \
-        os.path.realpath(new) == os.path.realpath(saved)
-
-
-def load_checkpoint(path: str, script: str | None = None, config: dict | None = None) -> dict:
-    """Load with weights_only=True. With `script`/`config`, refuse a checkpoint of another script or config."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"checkpoint {path} does not exist")
-    except IsADirectoryError:
-        fail(f"checkpoint {path} is a directory")
-    except Exception as e:  # pickle errors, zip errors, "weights only" refusals: all mean "not our checkpoint"
-        first_line = (str(e).strip().splitlines() or [""])[0][:120]
-        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {first_line})")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker)")
-    if script is not None and state["script"] != script:
-        fail(f"{path} was written by {state['script']}.py, not {script}.py")
-    if config is not None:
-        # A setting the checkpoint does not name was added to the script after it was written (e.g. --precision):
-        # the checkpoint says nothing about it, so the given value stands and older runs continue after an update.
-        # One it names that the script no longer has is refused (the run cannot go on as it was).
-        changed = sorted(k for k in state["config"] if not same_setting(k, config.get(k), state["config"][k]))
-        if changed:
-            diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {config.get(k)!r}" for k in changed)
-            fail(f"cannot resume {path} with a different config ({diffs})")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Linear probe entry point: python common.py probe CHECKPOINT
-# ---------------------------------------------------------------------------------------------------------------------
-PROBED_SCRIPTS = ("moco_ring", "adco", "mmcl")  # image backbones on IMAGE_DATASETS
-
-
-def probe_main(argv: Sequence[str] | None = None) -> None:
-    parser = OneLineErrorParser(description="Linear probe of a saved checkpoint's frozen backbone",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint.pt written by one of the image method scripts")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs of logistic regression on cached features")
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine decay)")
-    parser.add_argument("--data-root", default=None, help="override the data root stored in the checkpoint")
-    parser.add_argument("--train-size", type=int, default=0, help="evenly spaced training subset (0: all)")
-    parser.add_argument("--test-size", type=int, default=0, help="evenly spaced test subset (0: all)")
-    parser.add_argument("--workers", type=int, default=4, help="data loader processes")
-    args = parser.parse_args(argv)
-    for flag, check in (("epochs", at_least(1)), ("lr", POSITIVE), ("train_size", NON_NEGATIVE),
-                        ("test_size", NON_NEGATIVE), ("workers", NON_NEGATIVE)):
-        if not check.accepts(getattr(args, flag)):
-            parser.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is out of range "
-                         f"(must be {check.rule})")
-    state = load_checkpoint(args.checkpoint)
-    if state["script"] not in PROBED_SCRIPTS:
-        fail(f"{args.checkpoint} was written by {state['script']}.py; the probe reads the image scripts' checkpoints "
-             f"({', '.join(s + '.py' for s in PROBED_SCRIPTS)})")
-    cfg = state["config"]
-    device = init_distributed()
-    data = load_image_data(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"], download=True)
-    backbone = build_backbone(cfg["arch"], cfg["stem"]).to(device)
-    backbone.load_state_dict(state["backbone"], strict=True)
-    tf = eval_transform(data.image_size, data.mean, data.std)
-    loaders = [make_loader(Transformed(evenly_spaced_subset(d, n), tf), 256, args.workers, device)
-               for d, n in ((data.memory, args.train_size), (data.test, args.test_size))]
-    (train_x, train_y), (test_x, test_y) = (extract_features(backbone, loader, device) for loader in loaders)
-    top1 = linear_probe(train_x, train_y, test_x, test_y, data.num_classes, args.epochs, args.lr)
-    print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"], "linear_top1": round(top1, 2)}))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Curves entry point: python common.py plot RUN_DIR [RUN_DIR ...] --out curves.png
-# ---------------------------------------------------------------------------------------------------------------------
-BOOKKEEPING_KEYS = ("step", "epoch", "lr", "images_per_s")  # logged every step, but not what a reader compares
-
-
-def read_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
-    """metrics.jsonl of one run as {quantity: (steps, values)}, every numeric quantity except the bookkeeping ones.
-    A step logged twice (a resumed run of an older version replayed it) keeps its last value."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        fail(f"{run_dir} is not a run directory: {path} not found")
-    by_key: dict[str, dict[int, float]] = {}
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            fail(f"{path}:{line_number} is not a metrics record (one JSON object with a step per line)")
-        for key, value in record.items():
-            if key not in BOOKKEEPING_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                by_key.setdefault(key, {})[step] = float(value)
-    return {key: (sorted(values), [values[s] for s in sorted(values)]) for key, values in by_key.items()}
-
-
-def plot_quantities(curves: dict[str, dict]) -> list[str]:
-    """The panels to draw, loss and kNN first, then each method's own quantities in alphabetical order."""
-    keys = {key for run in curves.values() for key in run}
-    first = [key for key in ("loss", "knn_top1") if key in keys]
-    return first + sorted(keys - set(first))
-
-
-def plot_main(argv: Sequence[str] | None = None) -> None:
-    parser = OneLineErrorParser(description="Curves of one or more runs: every quantity in metrics.jsonl against "
-                                            "the step (except " + ", ".join(BOOKKEEPING_KEYS) + "), one line per run",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out-dir of a run (holds metrics.jsonl)")
-    parser.add_argument("--out", default="curves.png", help="image to write (the extension picks the format)")
-    parser.add_argument("--only", nargs="+", metavar="QUANTITY", default=None,
-                        help="draw these quantities only, in this order (default: every one logged)")
-    args = parser.parse_args(argv)
-    # The runs are read first, so a bad directory gets its own error whether or not matplotlib is installed.
-    curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
-    quantities = plot_quantities(curves)
-    if args.only:
-        missing = [key for key in args.only if key not in quantities]
-        if missing:
-            fail(f"no run logged {', '.join(missing)} (logged: {', '.join(quantities)})")
-        quantities = args.only
-    if not quantities:
-        fail("nothing to plot: the runs' metrics.jsonl hold no quantity but " + ", ".join(BOOKKEEPING_KEYS))
-    try:
-        import matplotlib
-    except ImportError:
-        fail("python common.py plot needs matplotlib, which the scripts themselves do not: pip install matplotlib")
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    columns = min(3, len(quantities))
-    rows = math.ceil(len(quantities) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
-    colours = {run_dir: f"C{i % 10}" for i, run_dir in enumerate(curves)}  # one colour per run in every panel
-    for ax, key in zip(axes.flat, quantities):
-        for run_dir, run in curves.items():
-            if key in run:
-                steps, values = run[key]
-                sparse = len(steps) < 30  # kNN is measured a few times per run: show the points
-                ax.plot(steps, values, color=colours[run_dir], marker="o" if sparse else None, markersize=3,
-                        label=Path(run_dir).name)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(quantities):]:
-        ax.set_visible(False)
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", fontsize=8)
-    fig.tight_layout()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: fig.savefig(p, dpi=90, format=out.suffix.lstrip(".") or "png"))
-    print(f"wrote {out}: {', '.join(quantities)} for {len(curves)} run(s)")
-
-
-COMMANDS = {"probe": probe_main, "plot": plot_main}
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == [] or sys.argv[1] not in COMMANDS:
-        sys.exit("usage: python common.py probe CHECKPOINT [...] | python common.py plot RUN_DIR [RUN_DIR ...] "
-                 "[--out curves.png] (see --help of each)")
-    run_main(lambda: COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -78,7 +78,7 @@ Run:
     python mmcl.py --augment cpu                                   # PIL in loader workers (default: device)
     python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 mmcl.py --batch-size 256           # 4 GPUs (global batch 256), or 4 CPU processes
-    python common.py probe runs/mmcl/checkpoint.pt                 # linear probe of the saved backbone
+    python engine.py probe runs/mmcl/checkpoint.pt                 # linear probe of the saved backbone
 
 Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
 each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (312 steps) of the small CNN on the
@@ -110,7 +110,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import NON_NEGATIVE, POSITIVE, at_least, greater_than, option
+import engine
+from engine import NON_NEGATIVE, POSITIVE, at_least, greater_than, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels (Table 6), the SVM dual of Proposition 1 and its two solvers
@@ -353,7 +354,7 @@ class Config:
     augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
                                     "augments each batch on the training device (falls back to cpu when they do "
                                     "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=common.AUGMENT_CHOICES)
+                          choices=engine.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -386,13 +387,13 @@ class Config:
     pgd_steps: int = option(1000, "maximum PGD iterations", check=at_least(1))
     pgd_step: float = option(0.0, "PGD step size; 0: 1/(||Delta||_F + beta) per anchor, at most 1/lambda_max (the "
                                   "paper and the public configs use a fixed 1e-3, or 1/||Delta||_2)",
-                             check=common.NON_NEGATIVE)
+                             check=engine.NON_NEGATIVE)
     # The paper gives no stopping rule; the public code's is the default, so PGD runs as it did for the paper's numbers.
     pgd_stop: str = option("batch", "when PGD stops: 'batch' (the public code) when the global batch's mean of "
                                     "|a_m - a_m-1| / (a_m-1 + 1e-7) is below --pgd-tol; 'anchor': each anchor when "
                                     "||a_m - a_m-1|| <= tol ||a_m-1||", choices=PGD_STOP_RULES)
     pgd_tol: float = option(1e-2, "PGD stopping tolerance of --pgd-stop (0: run all --pgd-steps)",
-                            check=common.NON_NEGATIVE)
+                            check=engine.NON_NEGATIVE)
     fn_correction: bool = option(False, "false-negative correction: alpha[alpha == C] = 0 (appendix)")
     # optimization
     epochs: int = option(400, "training epochs", check=at_least(1))
@@ -514,8 +515,8 @@ def check_config(cfg: Config, num_images: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__)
-    device = common.init_distributed()
+    cfg = engine.parse_config(Config, argv, __doc__)
+    device = engine.init_distributed()
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     check_config(cfg, len(data.pretrain))
     cfg.image_size = data.image_size
@@ -530,18 +531,18 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, "mmcl", config)
+        state = engine.load_checkpoint(cfg.resume, "mmcl", config)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"]["encoder"])
-        common.set_rng_state(state["rng"])
+        engine.set_rng_state(state["rng"])
         step = state["step"]
     # broadcast_buffers=False: BatchNorm statistics stay per rank, as per GPU in the paper's runs.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume), step=step)
+    run = engine.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = common.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
+    loader = engine.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
                                      cfg.workers, device)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
+    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -571,13 +572,13 @@ def main(argv: list[str] | None = None) -> None:
                 break
         metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
-        common.average_bn_statistics(model)
+        engine.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder.backbone)
             if common.is_main():
                 run.log({"step": step, "epoch": epoch, "knn_top1": top1})
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        common.save_checkpoint(run.checkpoint_path, "mmcl", config, step, model, {"encoder": optimizer},
+        engine.save_checkpoint(run.checkpoint_path, "mmcl", config, step, model, {"encoder": optimizer},
                                model.encoder.backbone)
         timer.saved()
         timer.stop_if_signalled(step, run.checkpoint_path)
@@ -586,4 +587,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    engine.run_main(main)

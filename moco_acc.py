@@ -142,7 +142,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import NON_NEGATIVE, POSITIVE, at_least, between, option
+import engine
+from engine import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 MODALITIES = ("v", "a")  # the paper's visual and audio modality; for an image pair (x, y): v is x, a is y
 
@@ -593,8 +594,8 @@ def check_config(cfg: Config, num_items: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__)
-    device = common.init_distributed()
+    cfg = engine.parse_config(Config, argv, __doc__)
+    device = engine.init_distributed()
     if cfg.dataset not in DATASETS:  # checked here, not by argparse choices, so other code can add datasets
         common.fail(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
     data = DATASETS[cfg.dataset](cfg)
@@ -615,15 +616,15 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam([*model.query.parameters(), *model.fc_query.parameters()], lr=cfg.lr)
     step = 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, "moco_acc", config)
+        state = engine.load_checkpoint(cfg.resume, "moco_acc", config)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"]["encoder"])
-        common.set_rng_state(state["rng"])
+        engine.set_rng_state(state["rng"])
         step = state["step"]
     # broadcast_buffers=False: dictionaries and pools are identical on every rank by construction.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume), step=step)
+    run = engine.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in MODALITIES:
             model.dictionary[m].enqueue(keys[m], ids)
 
-    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
+    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -671,14 +672,14 @@ def main(argv: list[str] | None = None) -> None:
                 break
         metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
-        common.average_bn_statistics(model)
+        engine.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.backbones())
             if top1:
                 run.log({"step": step, "epoch": epoch, **top1})
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 " +
                                ", ".join(f"{m[-1]} {v:.2f}%" for m, v in top1.items()))
-        common.save_checkpoint(run.checkpoint_path, "moco_acc", config, step, model, {"encoder": optimizer},
+        engine.save_checkpoint(run.checkpoint_path, "moco_acc", config, step, model, {"encoder": optimizer},
                                model.backbones())
         timer.saved()
         timer.stop_if_signalled(step, run.checkpoint_path)
@@ -687,4 +688,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    engine.run_main(main)

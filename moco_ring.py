@@ -52,7 +52,7 @@ Where the paper and its public code (mhw32/contrastive-ring-public) differ (../s
   Ring paper's (Sec. 5 "Training Details"): t 0.07, lr 0.03, wd 1e-4, batch 256, 300 epochs with the lr / 10 at
   epochs 200 and 250, K 65536, m 0.999; explicit flags still win. Still not the paper's: its images are resized to
   256 and cropped to 224 px (try --image-size 224; this script crops at the dataset's 32 px), and its linear probe
-  reads the pre-pool 512x7x7 feature map where `python common.py probe` reads the pooled 512-d feature.
+  reads the pre-pool 512x7x7 feature map where `python engine.py probe` reads the pooled 512-d feature.
 
 Run:
     python moco_ring.py                                            # CIFAR-10 (downloaded), ResNet-18, one device
@@ -62,7 +62,7 @@ Run:
     python moco_ring.py --augment cpu                              # PIL in loader workers (default: device)
     python moco_ring.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 moco_ring.py --batch-size 512      # 4 GPUs (global batch 512), or 4 CPU processes
-    python common.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
+    python engine.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
 
 Results measured (2-core CPU, no GPU, torch 2.14.1; README.md has every command):
 - ring_loss equals a naive per-query loop at five ring widths and MoCo's InfoNCE bit for bit at (0, 100);
@@ -103,7 +103,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import NON_NEGATIVE, POSITIVE, at_least, between, option
+import engine
+from engine import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The Ring (Section 4; Algorithm 1 lines 4-8 of the run card) and its loss
@@ -247,7 +248,7 @@ class Config:
     augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
                                     "augments each batch on the training device (falls back to cpu when they do "
                                     "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=common.AUGMENT_CHOICES)
+                          choices=engine.AUGMENT_CHOICES)
     # encoder
     arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
                        choices=("resnet18", "resnet50", "small"))
@@ -291,7 +292,7 @@ class Config:
     batch_size: int = option(512, "global batch size (split evenly over processes)", check=at_least(1))
     lr: float = option(0.06, "SGD learning rate", check=POSITIVE)
     lr_drops: tuple[int, ...] = option((), "epochs at which the lr is divided by 10 (the paper: 200 250); none: "
-                                           "cosine decay to 0 (MoCo's CIFAR demo)", check=common.each(at_least(1)))
+                                           "cosine decay to 0 (MoCo's CIFAR demo)", check=engine.each(at_least(1)))
     momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
     weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
     # run
@@ -325,14 +326,14 @@ ANNEAL_LEVELS = 10  # the public code's step policy: thresholds 1.0, 0.9, ..., 0
 def parse_config(argv: list[str] | None = None) -> Config:
     """Flags -> Config. With --recipe paper the defaults are PAPER_RECIPE's; flags given explicitly still win
     (argparse sees the recipe's values as defaults, so abbreviations and --resume behave as usual)."""
-    cfg = common.parse_config(Config, argv, __doc__)
+    cfg = engine.parse_config(Config, argv, __doc__)
     if cfg.recipe == "demo":
         return cfg
     fields, hints = {f.name: f for f in dataclasses.fields(Config)}, typing.get_type_hints(Config)
     paper = dataclasses.make_dataclass(
         "PaperRecipe", [(name, hints[name], dataclasses.field(default=value, metadata=fields[name].metadata))
                         for name, value in PAPER_RECIPE.items()], bases=(Config,))
-    return Config(**dataclasses.asdict(common.parse_config(paper, argv, __doc__)))
+    return Config(**dataclasses.asdict(engine.parse_config(paper, argv, __doc__)))
 
 
 def ring_schedule(step: int, anneal_steps: int, lower: float, upper: float, policy: str,
@@ -477,7 +478,7 @@ def check_config(cfg: Config, num_images: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    device = common.init_distributed()
+    device = engine.init_distributed()
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     check_config(cfg, len(data.pretrain))
     cfg.image_size = data.image_size
@@ -494,18 +495,18 @@ def main(argv: list[str] | None = None) -> None:
                                 weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, "moco_ring", config)
+        state = engine.load_checkpoint(cfg.resume, "moco_ring", config)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"]["encoder"])
-        common.set_rng_state(state["rng"])
+        engine.set_rng_state(state["rng"])
         step = state["step"]
     # broadcast_buffers=False: the queue is identical on every rank by construction, no need to send it each step.
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume), step=step)
+    run = engine.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = common.pretrain_batches(data, cfg.augment, sampler, 1 if cfg.negatives == "bank" else 2,  # IR: 1 view
+    loader = engine.pretrain_batches(data, cfg.augment, sampler, 1 if cfg.negatives == "bank" else 2,  # IR: 1 view
                                      cfg.batch_size // common.world_size(), cfg.workers, device, yield_index=True)
     evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
                                  device)
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
+    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -536,13 +537,13 @@ def main(argv: list[str] | None = None) -> None:
                 break
         metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
-        common.average_bn_statistics(model)
+        engine.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             top1 = evaluate(model.encoder_q.backbone)
             if common.is_main():
                 run.log({"step": step, "epoch": epoch, "knn_top1": top1})
                 progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        common.save_checkpoint(run.checkpoint_path, "moco_ring", config, step, model, {"encoder": optimizer},
+        engine.save_checkpoint(run.checkpoint_path, "moco_ring", config, step, model, {"encoder": optimizer},
                                model.encoder_q.backbone)
         timer.saved()
         timer.stop_if_signalled(step, run.checkpoint_path)
@@ -551,4 +552,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    engine.run_main(main)

@@ -97,7 +97,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import NON_NEGATIVE, POSITIVE, at_least, between, option
+import engine
+from engine import NON_NEGATIVE, POSITIVE, at_least, between, option
 
 # Table 1's columns, in its order.
 OBJECTIVES = ("ae", "ce", "ad", "cd")
@@ -383,7 +384,7 @@ class Config:
     workers: int = option(0, "data loader processes per training process", check=NON_NEGATIVE)
     # augmentations (Alg. 1 line 1)
     crop: float = option(0.7, "temporal crop: keep a window of at least this fraction of T, resampled to T",
-                         check=common.Check(lambda v: 0 < v <= 1, "in (0, 1]"))
+                         check=engine.Check(lambda v: 0 < v <= 1, "in (0, 1]"))
     rotate: float = option(30.0, "rotation: angles uniform in [-r, r] degrees about each axis", check=NON_NEGATIVE)
     shear: float = option(0.3, "shear: off-diagonal entries of I + S uniform in [-s, s] (public code: 1)",
                           check=NON_NEGATIVE)
@@ -606,8 +607,8 @@ def check_config(cfg: Config, num_sequences: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__)
-    device = common.init_distributed()
+    cfg = engine.parse_config(Config, argv, __doc__)
+    device = engine.init_distributed()
     data = load_sequences(cfg)
     check_config(cfg, len(data.train))
     _, frames, joints, _ = data.train.shape
@@ -621,10 +622,10 @@ def main(argv: list[str] | None = None) -> None:
                                  weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume:
-        state = common.load_checkpoint(cfg.resume, "moco_taxonomy", config)
+        state = engine.load_checkpoint(cfg.resume, "moco_taxonomy", config)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"]["adam"])
-        common.set_rng_state(state["rng"])
+        engine.set_rng_state(state["rng"])
         step = state["step"]
     # broadcast_buffers=False: the queues are identical on every rank by construction. Which parameters a step uses
     # depends on --objectives (L_AD alone never reaches the projection head, L_CE alone never the decoder), and DDP
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                                            find_unused_parameters=not uses_all)
                  if common.world_size() > 1 else model)
-    run = common.RunDir(cfg.out_dir, config, "moco_taxonomy", resuming=bool(cfg.resume), step=step)
+    run = engine.RunDir(cfg.out_dir, config, "moco_taxonomy", resuming=bool(cfg.resume), step=step)
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(SkeletonViews(data.train, data.train_labels, cfg),
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    timer, metrics = common.CheckpointTimer(cfg.checkpoint_minutes, device), common.StepMetrics()
+    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
     progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
@@ -664,13 +665,13 @@ def main(argv: list[str] | None = None) -> None:
                 break
         metrics.pop(run.check_finite)  # no checkpoint of a diverged model
         epoch_done = step % steps_per_epoch == 0
-        common.average_bn_statistics(model)
+        engine.average_bn_statistics(model)
         if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
             result = evaluate(model.encoder_q, data, cfg, device)
             if common.is_main():
                 run.log({"step": step, "epoch": epoch, **result})
                 progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        common.save_checkpoint(run.checkpoint_path, "moco_taxonomy", config, step, model, {"adam": optimizer},
+        engine.save_checkpoint(run.checkpoint_path, "moco_taxonomy", config, step, model, {"adam": optimizer},
                                model.encoder_q.rnn)
         timer.saved()
         timer.stop_if_signalled(step, run.checkpoint_path)
@@ -688,7 +689,7 @@ def taxonomy(argv: list[str] | None = None) -> list[dict]:
     taxonomy continues where it stopped. Every row starts from the same initial networks (same --seed).
     """
     argv = list(argv or [])
-    base = common.parse_config(Config, argv, __doc__)
+    base = engine.parse_config(Config, argv, __doc__)
     rows = []
     for row in taxonomy_rows():
         out_dir = Path(base.out_dir) / "-".join(row)
@@ -722,4 +723,4 @@ def taxonomy_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    common.run_main(lambda: taxonomy(sys.argv[2:]) if sys.argv[1:2] == ["taxonomy"] else main())
+    engine.run_main(lambda: taxonomy(sys.argv[2:]) if sys.argv[1:2] == ["taxonomy"] else main())

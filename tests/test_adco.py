@@ -10,6 +10,7 @@ import torchvision
 
 import adco
 import common
+import engine
 import conftest
 from conftest import CIFAR_JPG, needs_cifar, read_metrics, run_script
 
@@ -245,7 +246,7 @@ def test_short_cpu_run_learns_on_real_images(tmp_path):
     args = ["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
             "--batch-size", "128", "--bank-size", "1024", "--epochs", "1", "--max-steps", "120",
             "--knn-bank-size", "4000", "--knn-test-size", "1000", "--out-dir", str(tmp_path)]
-    cfg = common.parse_config(adco.Config, args)
+    cfg = engine.parse_config(adco.Config, args)
     data = common.load_image_data(cfg.dataset, cfg.data_root)
     common.seed_everything(cfg.seed)
     untrained = adco.AdCo(cfg, bn_splits=8)

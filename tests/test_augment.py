@@ -1,4 +1,4 @@
-"""The device augmentation (common.DeviceAugment) against torchvision: its parameter samplers (distributions,
+"""The device augmentation (engine.DeviceAugment) against torchvision: its parameter samplers (distributions,
 probabilities) and its functional ops (pixels, for the same parameters); seeds -> views as a pure function (resume,
 1 process == N processes); the in-memory dataset and its loader; StepMetrics; `benchmark.py gpu --smoke`.
 
@@ -19,6 +19,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import common
+import engine
 from conftest import ROOT
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -32,7 +33,7 @@ def seeds(n, seed=1):
     return torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_view(image: torch.Tensor, p: common.ViewParams, i: int, size: int, blur_kernel: int) -> torch.Tensor:
+def reference_view(image: torch.Tensor, p: engine.ViewParams, i: int, size: int, blur_kernel: int) -> torch.Tensor:
     """torchvision.transforms.functional, step by step, with sample i's parameters (pretrain_transform's order)."""
     x = TF.resized_crop(image.float() / 255, int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
                         [size, size], antialias=True)
@@ -63,7 +64,7 @@ def ks_threshold(n: int, m: int) -> float:
 @pytest.mark.parametrize("side", [32, 96])
 def test_crop_boxes_follow_random_resized_crop_get_params(side):
     n = 20_000
-    p = common.DeviceAugment(side, MEAN, STD).params(seeds(n), side, side)
+    p = engine.DeviceAugment(side, MEAN, STD).params(seeds(n), side, side)
     torch.manual_seed(0)
     reference = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, side, side), (0.2, 1.0), (3 / 4, 4 / 3))
                               for _ in range(n)])  # (top, left, height, width)
@@ -76,7 +77,7 @@ def test_crop_boxes_follow_random_resized_crop_get_params(side):
 
 
 def test_crop_falls_back_to_torchvision_centre_crop_when_no_box_fits():
-    augment = common.DeviceAugment(32, MEAN, STD, min_scale=0.99)
+    augment = engine.DeviceAugment(32, MEAN, STD, min_scale=0.99)
     p = augment.params(seeds(2000), 8, 64)  # 8x64: a 4/3 box of 99% of the area never fits
     assert (p.height == 8).all() and (p.width == round(8 * 4 / 3)).all()
     assert (p.top == 0).all() and (p.left == (64 - 11) // 2).all()
@@ -84,7 +85,7 @@ def test_crop_falls_back_to_torchvision_centre_crop_when_no_box_fits():
 
 def test_jitter_factors_probabilities_and_orders_follow_torchvision():
     n = 20_000
-    p = common.DeviceAugment(96, MEAN, STD).params(seeds(n), 96, 96)
+    p = engine.DeviceAugment(96, MEAN, STD).params(seeds(n), 96, 96)
     torch.manual_seed(0)
     jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
     draws = [T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
@@ -103,15 +104,15 @@ def test_jitter_factors_probabilities_and_orders_follow_torchvision():
 
 
 def test_no_blur_below_64_px_as_pretrain_transform():
-    assert not common.DeviceAugment(32, MEAN, STD).params(seeds(1000), 32, 32).blur.any()
+    assert not engine.DeviceAugment(32, MEAN, STD).params(seeds(1000), 32, 32).blur.any()
 
 
 @pytest.mark.parametrize("stored, out", [(32, 32), (96, 96), (80, 32)])  # enlarge, enlarge, shrink (antialias)
 def test_crop_and_resize_equal_torchvision_resized_crop_and_hflip(stored, out):
-    x, p = images(64, stored), common.DeviceAugment(out, MEAN, STD).params(seeds(64), stored, stored)
-    rows = common.resize_matrix(p.top, p.height, stored, out)
-    cols = common.resize_matrix(p.left, p.width, stored, out, p.flip)
-    ours = common.crop_resize(x, rows, cols) / 255
+    x, p = images(64, stored), engine.DeviceAugment(out, MEAN, STD).params(seeds(64), stored, stored)
+    rows = engine.resize_matrix(p.top, p.height, stored, out)
+    cols = engine.resize_matrix(p.left, p.width, stored, out, p.flip)
+    ours = engine.crop_resize(x, rows, cols) / 255
     for i in range(64):
         ref = TF.resized_crop(x[i].float() / 255, int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
                               [out, out], antialias=True)
@@ -122,8 +123,8 @@ def test_crop_and_resize_equal_torchvision_resized_crop_and_hflip(stored, out):
 def test_enlarging_crops_by_grid_sample_equal_torchvision_resized_crop_and_hflip(stored, out):
     """apply()'s path when no crop is larger than the output (stored <= out, out a power of two): bilinear,
     clamped to the crop."""
-    x, p = images(64, stored), common.DeviceAugment(out, MEAN, STD).params(seeds(64), stored, stored)
-    ours = common.crop_enlarge(x, p, out) / 255
+    x, p = images(64, stored), engine.DeviceAugment(out, MEAN, STD).params(seeds(64), stored, stored)
+    ours = engine.crop_enlarge(x, p, out) / 255
     assert ours.shape == (64, 3, out, out)
     for i in range(64):
         ref = TF.resized_crop(x[i].float() / 255, int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
@@ -134,7 +135,7 @@ def test_enlarging_crops_by_grid_sample_equal_torchvision_resized_crop_and_hflip
 def test_whole_view_of_shrinking_crops_equals_torchvision_ops():
     """Stored 80 px, views of 32 px: apply() takes the antialiased matrix path."""
     n, stored, side = 24, 80, 32
-    augment, x, s = common.DeviceAugment(side, MEAN, STD), images(n, stored), seeds(n)
+    augment, x, s = engine.DeviceAugment(side, MEAN, STD), images(n, stored), seeds(n)
     p = augment.params(s, stored, stored)
     ours = augment(x, s)
     for i in range(n):
@@ -149,7 +150,7 @@ def test_each_jitter_op_equals_torchvision(op):
     factors[:, op] = factor
     order = torch.tensor([op, *[o for o in range(4) if o != op]]).repeat(32, 1)
     ours = x.clone()
-    common.color_jitter(ours, torch.ones(32, dtype=torch.bool), order, factors)
+    engine.color_jitter(ours, torch.ones(32, dtype=torch.bool), order, factors)
     torchvision_op = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op]
     for i in range(32):
         torch.testing.assert_close(ours[i], torchvision_op(x[i], float(factor[i])), atol=1e-5, rtol=0)
@@ -159,7 +160,7 @@ def test_jitter_skips_the_samples_it_is_not_applied_to():
     x = images(16, 32).float() / 255
     ours = x.clone()
     applied = torch.arange(16) % 2 == 0
-    common.color_jitter(ours, applied, torch.arange(4).repeat(16, 1), torch.tensor([1.3, 0.7, 1.2, 0.05]).repeat(16, 1))
+    engine.color_jitter(ours, applied, torch.arange(4).repeat(16, 1), torch.tensor([1.3, 0.7, 1.2, 0.05]).repeat(16, 1))
     assert torch.equal(ours[~applied], x[~applied]) and not torch.allclose(ours[applied], x[applied])
 
 
@@ -167,7 +168,7 @@ def test_hue_of_grey_and_saturated_pixels_equals_torchvision():
     x = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0],
                       [0.2, 0.7, 0.7], [0.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 7)
     for hue in (-0.1, -0.03, 0.0, 0.05, 0.1):
-        torch.testing.assert_close(common.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=1e-6, rtol=0)
+        torch.testing.assert_close(engine.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=1e-6, rtol=0)
 
 
 def test_whole_jitter_chain_in_random_orders_equals_torchvision():
@@ -175,9 +176,9 @@ def test_whole_jitter_chain_in_random_orders_equals_torchvision():
     the sample has hue or no jitter) against torchvision's ops one after the other, in each sample's own order."""
     n = 96
     x = images(n, 32, seed=4).float() / 255
-    p = common.DeviceAugment(32, MEAN, STD).params(seeds(n, seed=7), 32, 32)
+    p = engine.DeviceAugment(32, MEAN, STD).params(seeds(n, seed=7), 32, 32)
     ours = x.clone()
-    common.color_jitter(ours, p.jitter, p.order, p.factors)
+    engine.color_jitter(ours, p.jitter, p.order, p.factors)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(n):
         ref = x[i]
@@ -196,14 +197,14 @@ def test_hue_without_remainder_at_the_ends_of_its_range_equals_torchvision():
     noise = torch.rand(1, 3, 1, 500, generator=torch.Generator().manual_seed(0))
     for hue in (-0.1, -0.0999, -0.05, 0.0, 0.02, 0.0999, 0.1):
         for x, atol in ((edge.reshape(1, 3, 1, -1), 1e-6), (noise, 1e-5)):  # 1e-5: this file's pixel tolerance
-            torch.testing.assert_close(common.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=atol,
+            torch.testing.assert_close(engine.adjust_hue(x, torch.tensor([hue])), TF.adjust_hue(x, hue), atol=atol,
                                        rtol=0)
 
 
 def test_grayscale_and_normalize_in_two_passes_equal_torchvision():
     x, gray = images(16, 32).float() / 255, torch.arange(16) % 3 == 0
     out = torch.empty(16, 3, 32, 32)
-    result = common.grayscale_normalize(x, gray, torch.tensor(MEAN).view(1, 3, 1, 1),
+    result = engine.grayscale_normalize(x, gray, torch.tensor(MEAN).view(1, 3, 1, 1),
                                         torch.tensor(STD).view(1, 3, 1, 1), out=out)
     assert result.data_ptr() == out.data_ptr()
     for i in range(16):
@@ -214,7 +215,7 @@ def test_grayscale_and_normalize_in_two_passes_equal_torchvision():
 def test_blur_before_grayscale_gives_torchvision_s_grayscale_then_blur():
     """apply() blurs before the grayscale (they commute); forced on for every sample, against torchvision's order."""
     n, side = 8, 96
-    augment, x = common.DeviceAugment(side, MEAN, STD), images(n, side, seed=2)
+    augment, x = engine.DeviceAugment(side, MEAN, STD), images(n, side, seed=2)
     p = augment.params(seeds(n, seed=3), side, side)._replace(grayscale=torch.ones(n, dtype=torch.bool),
                                                               blur=torch.ones(n, dtype=torch.bool))
     ours = augment.apply(x, p)
@@ -223,16 +224,16 @@ def test_blur_before_grayscale_gives_torchvision_s_grayscale_then_blur():
 
 def test_grayscale_and_blur_equal_torchvision():
     x = images(8, 96).float() / 255
-    torch.testing.assert_close(common.grayscale(x).expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(engine.grayscale(x).expand(-1, 3, -1, -1), TF.rgb_to_grayscale(x, 3), atol=1e-6, rtol=0)
     sigma = torch.linspace(0.1, 2.0, 8)
-    ours = common.gaussian_blur(x, 9, sigma)
+    ours = engine.gaussian_blur(x, 9, sigma)
     for i in range(8):
         torch.testing.assert_close(ours[i], TF.gaussian_blur(x[i], [9, 9], [float(sigma[i])] * 2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("side, n", [(32, 40), (96, 12)])  # 96: the blur is on (kernel 9)
 def test_whole_view_equals_torchvision_ops_with_the_same_parameters(side, n):
-    augment, x, s = common.DeviceAugment(side, MEAN, STD), images(n, side), seeds(n)
+    augment, x, s = engine.DeviceAugment(side, MEAN, STD), images(n, side), seeds(n)
     p = augment.params(s, side, side, view=1)
     ours = augment(x, s, view=1)
     assert ours.shape == (n, 3, side, side) and ours.dtype == torch.float32
@@ -243,7 +244,7 @@ def test_whole_view_equals_torchvision_ops_with_the_same_parameters(side, n):
 def test_a_sample_s_views_depend_on_its_seed_only_not_on_its_batch():
     """Exact resume and 1 process == N processes: the views of sample i are a function of (image i, seed i), the
     same whatever its neighbours, its position, the batch size or the CPU slicing (300 > CPU_CHUNK)."""
-    augment, x, s = common.DeviceAugment(32, MEAN, STD), images(300, 32), seeds(300)
+    augment, x, s = engine.DeviceAugment(32, MEAN, STD), images(300, 32), seeds(300)
     whole = augment.views(x, s, 2)
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     shuffled = augment.views(x[perm], s[perm], 2)
@@ -258,11 +259,11 @@ def test_a_sample_s_views_depend_on_its_seed_only_not_on_its_batch():
 
 def test_seeded_uniforms_are_a_pure_uniform_function_of_the_seed():
     s = seeds(5000)
-    u = common.seeded_uniforms(s, 64)
+    u = engine.seeded_uniforms(s, 64)
     assert u.shape == (5000, 64) and u.min() >= 0 and u.max() < 1
-    assert torch.equal(common.seeded_uniforms(s[10:20], 64), u[10:20])
+    assert torch.equal(engine.seeded_uniforms(s[10:20], 64), u[10:20])
     assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
-    assert not torch.equal(common.seeded_uniforms(s, 64, stream=1), u)
+    assert not torch.equal(engine.seeded_uniforms(s, 64, stream=1), u)
     assert abs(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1]) < 5 / math.sqrt(5000)
 
 
@@ -281,12 +282,12 @@ def test_folder_is_decoded_once_into_one_uint8_tensor(tmp_path):
     import torchvision.datasets as D
 
     folder = D.ImageFolder(tmp_path / "train", loader=common.read_image)
-    memory = common.load_into_memory(folder, torch.device("cpu"))
+    memory = engine.load_into_memory(folder, torch.device("cpu"))
     assert memory.images.shape == (6, 3, 16, 16) and memory.images.dtype == torch.uint8
     for i in range(6):
         image, label = folder[i]
         assert torch.equal(memory.images[i], TF.pil_to_tensor(image)) and memory.labels[i] == label
-    assert common.dataset_bytes(folder) == 6 * 3 * 16 * 16 and common.fits_in_memory(folder, torch.device("cpu"))
+    assert engine.dataset_bytes(folder) == 6 * 3 * 16 * 16 and engine.fits_in_memory(folder, torch.device("cpu"))
 
 
 def test_a_bad_image_names_its_file_and_mixed_sizes_ask_for_the_cpu_path(tmp_path):
@@ -294,11 +295,11 @@ def test_a_bad_image_names_its_file_and_mixed_sizes_ask_for_the_cpu_path(tmp_pat
 
     write_folder(tmp_path / "bad", [16] * 2, bad="broken.jpg")
     with pytest.raises(common.DataError, match="broken.jpg"):
-        common.load_into_memory(D.ImageFolder(tmp_path / "bad" / "train", loader=common.read_image),
+        engine.load_into_memory(D.ImageFolder(tmp_path / "bad" / "train", loader=common.read_image),
                                 torch.device("cpu"))
     write_folder(tmp_path / "mixed", [16, 20])
     with pytest.raises(SystemExit, match="--augment cpu"):
-        common.load_into_memory(D.ImageFolder(tmp_path / "mixed" / "train", loader=common.read_image),
+        engine.load_into_memory(D.ImageFolder(tmp_path / "mixed" / "train", loader=common.read_image),
                                 torch.device("cpu"))
 
 
@@ -307,7 +308,7 @@ def test_torchvision_arrays_are_taken_as_they_are():
         data = images(5, 8).permute(0, 2, 3, 1).numpy()
         targets = [3, 1, 4, 1, 5]
 
-    memory = common.load_into_memory(FakeCifar(), torch.device("cpu"))
+    memory = engine.load_into_memory(FakeCifar(), torch.device("cpu"))
     assert torch.equal(memory.images, torch.from_numpy(FakeCifar.data).permute(0, 3, 1, 2))
     assert memory.labels.tolist() == [3, 1, 4, 1, 5]
 
@@ -317,13 +318,13 @@ def loader_batches(memory, monkeypatch, world, rank, start_batch=0, yield_index=
     monkeypatch.setattr(common, "rank", lambda: rank)
     sampler = common.EpochSampler(len(memory.images), 8, seed=5)
     sampler.set_epoch(2, start_batch)
-    loader = common.DeviceViewLoader(memory, common.DeviceAugment(16, MEAN, STD), 2, sampler, 8 // world,
+    loader = engine.DeviceViewLoader(memory, engine.DeviceAugment(16, MEAN, STD), 2, sampler, 8 // world,
                                      yield_index)
     return list(loader), len(loader)
 
 
 def test_loader_resumes_mid_epoch_and_two_ranks_see_the_one_process_batch(monkeypatch):
-    memory = common.ImagesInMemory(images(40, 16), torch.arange(40) % 3)
+    memory = engine.ImagesInMemory(images(40, 16), torch.arange(40) % 3)
     full, length = loader_batches(memory, monkeypatch, 1, 0)
     assert length == len(full) == 5 and all(len(views) == 2 and views[0].shape == (8, 3, 16, 16)
                                             for views, _ in full)
@@ -341,9 +342,9 @@ def test_loader_resumes_mid_epoch_and_two_ranks_see_the_one_process_batch(monkey
 
 
 def test_prefetching_loader_yields_the_one_thread_batches_and_passes_errors_on():
-    memory = common.ImagesInMemory(images(40, 16), torch.arange(40) % 3)
+    memory = engine.ImagesInMemory(images(40, 16), torch.arange(40) % 3)
     sampler = common.EpochSampler(40, 8, seed=5)
-    loader = common.DeviceViewLoader(memory, common.DeviceAugment(16, MEAN, STD), 2, sampler, 8)
+    loader = engine.DeviceViewLoader(memory, engine.DeviceAugment(16, MEAN, STD), 2, sampler, 8)
     for (views, labels), (views_1, labels_1) in zip(loader, loader._batches(), strict=True):
         assert torch.equal(labels, labels_1) and all(torch.equal(a, b) for a, b in zip(views, views_1))
     before = set(threading.enumerate())
@@ -354,16 +355,16 @@ def test_prefetching_loader_yields_the_one_thread_batches_and_passes_errors_on()
     batches.close()
     assert not any(thread.is_alive() for thread in prefetcher)
 
-    class Failing(common.DeviceAugment):
+    class Failing(engine.DeviceAugment):
         def views(self, images, seeds, num_views):
             raise common.DataError("made in the background thread")
 
     with pytest.raises(common.DataError, match="background thread"):
-        next(iter(common.DeviceViewLoader(memory, Failing(16, MEAN, STD), 2, sampler, 8)))
+        next(iter(engine.DeviceViewLoader(memory, Failing(16, MEAN, STD), 2, sampler, 8)))
 
 
 def test_step_metrics_log_exact_values_and_name_the_first_nonfinite_step():
-    metrics, reported = common.StepMetrics(), []
+    metrics, reported = engine.StepMetrics(), []
     for step, loss in enumerate([1.5, 1.25, 1.0], start=1):
         metrics.add(step, {"loss": torch.tensor(loss), "lr": 0.1 * step})
     assert metrics.pop(lambda loss, step: reported.append((loss, step))) == {"loss": 1.0, "lr": pytest.approx(0.3)}
@@ -391,11 +392,11 @@ def test_augment_path_keeps_the_pil_path_for_data_that_does_not_fit(monkeypatch,
     class Huge:
         data = torch.empty(0, dtype=torch.uint8).numpy()
 
-    assert common.augment_path("device", Huge(), torch.device("cpu")) == "device"
+    assert engine.augment_path("device", Huge(), torch.device("cpu")) == "device"
     monkeypatch.setattr(common, "dataset_bytes", lambda dataset: 2**62)
-    assert common.augment_path("device", Huge(), torch.device("cpu")) == "cpu"
+    assert engine.augment_path("device", Huge(), torch.device("cpu")) == "cpu"
     assert "--augment cpu" in capsys.readouterr().out
-    assert common.augment_path("cpu", Huge(), torch.device("cpu")) == "cpu"
+    assert engine.augment_path("cpu", Huge(), torch.device("cpu")) == "cpu"
 
 
 def test_bf16_autocast_and_channels_last_run_on_cpu_and_match_fp32():

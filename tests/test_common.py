@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import engine
 from conftest import CIFAR_JPG, needs_cifar, run_script
 
 
@@ -182,13 +183,13 @@ def test_backbone_state_dict_loads_strictly_into_torchvision_resnet18():
 def test_parse_config_turns_fields_into_flags_with_defaults_in_help(capsys):
     import moco_ring
 
-    cfg = common.parse_config(moco_ring.Config, ["--batch-size", "64", "--no-mlp", "--anneal", "step"])
+    cfg = engine.parse_config(moco_ring.Config, ["--batch-size", "64", "--no-mlp", "--anneal", "step"])
     assert cfg.batch_size == 64 and cfg.mlp is False and cfg.anneal == "step" and cfg.moco_k == 4096
     with pytest.raises(SystemExit):
-        common.parse_config(moco_ring.Config, ["--batch-size", "many"])
+        engine.parse_config(moco_ring.Config, ["--batch-size", "many"])
     assert "error: argument --batch-size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        common.parse_config(moco_ring.Config, ["--help"])
+        engine.parse_config(moco_ring.Config, ["--help"])
     assert "(default: 4096)" in capsys.readouterr().out
 
 
@@ -196,21 +197,21 @@ def test_checkpoint_is_written_atomically_and_refused_when_foreign(tmp_path):
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, "moco_ring", {"lr": 0.1}, 7, model, {"encoder": opt}, model)
+    engine.save_checkpoint(path, "moco_ring", {"lr": 0.1}, 7, model, {"encoder": opt}, model)
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
-    state = common.load_checkpoint(str(path), "moco_ring", {"lr": 0.1, "out_dir": "elsewhere"})
+    state = engine.load_checkpoint(str(path), "moco_ring", {"lr": 0.1, "out_dir": "elsewhere"})
     assert state["step"] == 7 and torch.equal(state["model"]["weight"], model.weight)
     with pytest.raises(SystemExit, match="different config"):
-        common.load_checkpoint(str(path), "moco_ring", {"lr": 0.2})
+        engine.load_checkpoint(str(path), "moco_ring", {"lr": 0.2})
     # settings added to the script after the checkpoint was written take the given value; removed ones are refused
-    assert common.load_checkpoint(str(path), "moco_ring", {"lr": 0.1, "precision": "bf16"})["step"] == 7
+    assert engine.load_checkpoint(str(path), "moco_ring", {"lr": 0.1, "precision": "bf16"})["step"] == 7
     with pytest.raises(SystemExit, match="lr: 0.1 -> None"):
-        common.load_checkpoint(str(path), "moco_ring", {"precision": "bf16"})
+        engine.load_checkpoint(str(path), "moco_ring", {"precision": "bf16"})
     with pytest.raises(SystemExit, match="written by moco_ring.py"):
-        common.load_checkpoint(str(path), "adco", None)
+        engine.load_checkpoint(str(path), "adco", None)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="not a checkpoint"):
-        common.load_checkpoint(str(tmp_path / "junk.pt"))
+        engine.load_checkpoint(str(tmp_path / "junk.pt"))
 
 
 def test_linear_probe_separates_linearly_separable_features():
@@ -229,7 +230,7 @@ def test_probe_command_reads_a_saved_checkpoint(tmp_path):
     moco_ring.main(["--dataset", "folder", "--data-root", str(CIFAR_JPG), "--arch", "small", "--workers", "0",
                     "--batch-size", "16", "--moco-k", "32", "--max-steps", "1", "--knn-bank-size", "32",
                     "--knn-test-size", "16", "--out-dir", str(tmp_path)])
-    result = run_script("common.py", "probe", str(tmp_path / "checkpoint.pt"), "--epochs", "3", "--train-size",
+    result = run_script("engine.py", "probe", str(tmp_path / "checkpoint.pt"), "--epochs", "3", "--train-size",
                         "500", "--test-size", "200", "--workers", "0")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["step"] == 1 and 10.0 < report["linear_top1"] <= 100.0  # above chance on real images

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import common
+import engine
 import mmcl
 import conftest
 from conftest import CIFAR_JPG, ROOT, error_line, needs_cifar, read_metrics, run_script
@@ -462,7 +463,7 @@ def test_short_cpu_runs_of_mmcl_and_simclr_learn_on_real_images(tmp_path):
     runs = {loss: subprocess.Popen([sys.executable, str(ROOT / "mmcl.py"), *args, "--loss", loss, "--out-dir",
                                     str(tmp_path / loss)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True) for loss in ("mmcl", "simclr")}
-    cfg = common.parse_config(mmcl.Config, args)
+    cfg = engine.parse_config(mmcl.Config, args)
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     common.seed_everything(cfg.seed)
     untrained = mmcl.MMCL(cfg, bn_splits=1)  # what both runs start from
@@ -518,7 +519,7 @@ def test_tanh_with_pgd_and_no_cap_is_refused_at_parse_time(tmp_path):
     # The rest is allowed (documented in --kernel's help): a finite C, or INV, or SimCLR's loss.
     for args in (["--C", "100", "--solver", "pgd"], ["--C", "inf", "--solver", "inv"],
                  ["--C", "inf", "--solver", "pgd", "--loss", "simclr"]):
-        common.parse_config(mmcl.Config, ["--kernel", "tanh", *args])
+        engine.parse_config(mmcl.Config, ["--kernel", "tanh", *args])
 
 
 def test_a_bad_value_exits_nonzero_with_one_stderr_line(tmp_path):

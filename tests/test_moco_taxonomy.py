@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import engine
 import moco_taxonomy as mt
 from conftest import error_line, read_metrics, run_script, unit
 
@@ -89,7 +90,7 @@ def test_the_taxonomy_has_the_15_rows_of_table_1():
 
 @pytest.mark.parametrize("row", mt.taxonomy_rows(), ids="-".join)
 def test_every_row_trains_exactly_its_objectives(row):
-    cfg = common.parse_config(mt.Config, [*TINY, "--objectives", *row])
+    cfg = engine.parse_config(mt.Config, [*TINY, "--objectives", *row])
     common.seed_everything(0)
     model = mt.TaxonomyMoCo(cfg, joints=15, frames=16)
     x, x1, x2 = (randn(8, 16, 15, 3, seed=s) for s in range(3))
@@ -109,7 +110,7 @@ def test_every_row_trains_exactly_its_objectives(row):
 
 
 def test_the_model_computes_each_objective_of_its_networks_outputs():
-    cfg = common.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
+    cfg = engine.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
     common.seed_everything(0)
     model = mt.TaxonomyMoCo(cfg, joints=15, frames=16)
     model.queue_dec.enqueue(F.normalize(randn(32, 16 * 15 * 3, seed=5), dim=1))  # decoded-key-like negatives
@@ -162,7 +163,7 @@ def test_temporal_crop_is_a_resampled_window_of_at_least_the_given_fraction():
 
 def test_views_are_a_pure_function_of_the_seed():
     x, y = mt.synthetic_motions(4, 16, seed=0)
-    cfg = common.parse_config(mt.Config, [])
+    cfg = engine.parse_config(mt.Config, [])
     views = mt.SkeletonViews(mt.center(x), y, cfg)
     a, b, c = views[(2, 7)], views[(2, 7)], views[(2, 8)]
     assert all(torch.equal(u, v) for u, v in zip(a[0], b[0])) and a[1] == y[2]
@@ -176,7 +177,7 @@ def test_synthetic_motions_are_labelled_deterministic_and_centred_on_load():
     assert torch.equal(torch.bincount(y), torch.full((10,), 5))
     assert torch.equal(x, mt.synthetic_motions(50, 24, seed=3)[0])
     assert not torch.equal(x, mt.synthetic_motions(50, 24, seed=4)[0])
-    data = mt.load_sequences(common.parse_config(mt.Config, ["--synthetic-size", "40", "--frames", "24"]))
+    data = mt.load_sequences(engine.parse_config(mt.Config, ["--synthetic-size", "40", "--frames", "24"]))
     assert data.train.shape == (40, 24, 15, 3) and data.test.shape == (10, 24, 15, 3) and data.num_classes == 10
     assert data.train.mean(dim=(1, 2)).abs().max() < 1e-5
 
@@ -244,7 +245,7 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
 def test_bf16_autocast_runs_on_the_cpu_with_the_losses_in_fp32(tmp_path):
     # Issue 13: --precision bf16 (the GPU setting) runs here too: the linear layers in bf16, the recurrent nets in
     # fp32 on a CPU (run_recurrent: a CPU LSTM under autocast fails on CPUs without AVX-512 BF16), losses in fp32.
-    cfg = common.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
+    cfg = engine.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
     common.seed_everything(0)
     model = mt.TaxonomyMoCo(cfg, joints=15, frames=16)
     x, x1, x2 = (randn(8, 16, 15, 3, seed=s) for s in range(3))
@@ -308,7 +309,7 @@ def test_short_cpu_run_learns_on_the_synthetic_motions(tmp_path):
     motions are synthetic: ../shared/data holds no skeleton sequences.)"""
     args = ["--synthetic-size", "800", "--width", "64", "--objectives", "ae", "ce", "ad", "--max-steps", "200",
             "--probe-epochs", "0", "--out-dir", str(tmp_path)]
-    cfg = common.parse_config(mt.Config, args)
+    cfg = engine.parse_config(mt.Config, args)
     data = mt.load_sequences(cfg)
     common.seed_everything(cfg.seed)
     untrained = mt.TaxonomyMoCo(cfg, joints=15, frames=32)
@@ -384,5 +385,5 @@ def test_bad_input_on_the_command_line_prints_one_line_and_exits_non_zero(tmp_pa
 def test_unknown_flags_and_choices_are_refused(capsys):
     for args in (["--objectives", "ae", "xx"], ["--cell", "rnn"], ["--no-such-flag"]):
         with pytest.raises(SystemExit) as stop:
-            common.parse_config(mt.Config, args)
+            engine.parse_config(mt.Config, args)
         assert stop.value.code == 2 and capsys.readouterr().err.startswith("error:")

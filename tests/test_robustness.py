@@ -148,7 +148,7 @@ def test_an_out_dir_that_cannot_hold_a_run_is_refused(tmp_path, capsys, make_bad
 
 
 def test_a_zero_byte_or_foreign_checkpoint_gets_one_line(tmp_path, capsys):
-    import common
+    import engine
     import moco_taxonomy
 
     (tmp_path / "empty.pt").write_bytes(b"")
@@ -156,7 +156,7 @@ def test_a_zero_byte_or_foreign_checkpoint_gets_one_line(tmp_path, capsys):
         moco_taxonomy.main([*TAXONOMY[1:], "--resume", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "r")])
     moco_taxonomy.main([*TAXONOMY[1:], "--max-steps", "1", "--out-dir", str(tmp_path / "t")])
     with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py; the probe reads"):
-        common.probe_main([str(tmp_path / "t" / "checkpoint.pt")])
+        engine.probe_main([str(tmp_path / "t" / "checkpoint.pt")])
 
 
 @needs_cifar

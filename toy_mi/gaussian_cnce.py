@@ -128,7 +128,8 @@ import torch.nn.functional as F
 
 # `python toy_mi/gaussian_cnce.py` puts toy_mi/ on sys.path, not the repo root where moco_ring.py lives.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import POSITIVE, at_least, between, each, fail, option, parse_config  # noqa: E402
+from common import fail  # noqa: E402
+from engine import POSITIVE, at_least, between, each, option, parse_config  # noqa: E402
 from moco_ring import ring_bounds, ring_members  # noqa: E402  (the one ring of the project)
 
 
