@@ -188,7 +188,7 @@ class Config:
     precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
                                     "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
     channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.SWITCH_CHOICES)
+                                choices=common.CHANNELS_LAST_CHOICES)
     out_dir: str = option("runs/adco", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")

@@ -523,7 +523,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # Training conveniences
 # ---------------------------------------------------------------------------------------------------------------------
 PRECISION_CHOICES = ("auto", "bf16", "fp32")  # --precision
-SWITCH_CHOICES = ("auto", "on", "off")  # --channels-last
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")  # --channels-last
 
 
 def autocast(device: torch.device, precision: str = "auto"):

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 from common import DataError, fail, is_main, world_size
@@ -47,6 +48,9 @@ def run_main(main: Callable[[], Any]) -> None:
     except DataError as e:
         last_line = str(e).strip().splitlines()[-1]
         fail(last_line.split("DataError: ", 1)[-1])
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping: the user chose not to wait for the save
+        print("stopped at once, without saving", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT)
     shutdown_distributed()
 
 
@@ -95,6 +99,63 @@ def option(default: Any, help: str, choices: Sequence[Any] | None = None, check:
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "check": check})
 
 
+AUGMENT_CHOICES = ("device", "cpu")  # --augment: see pretrain_batches
+
+
+def script_tag(config_class: type) -> str:
+    """A script is its file: the run's tag (in checkpoints, in the default --out-dir) is the name of the file that
+    defines its Config, so `cp moco_ring.py my_ring.py` is a new method with its own runs."""
+    return Path(sys.modules[config_class.__module__].__file__).stem
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The options every script shares: where the run lives, how it is logged, evaluated and saved."""
+    seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
+    workers: int = option(min(4, os.cpu_count() or 1), "data loader processes per training process (by default "
+                                                        "4, or this machine's CPUs if fewer)", check=NON_NEGATIVE)
+    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
+                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
+    out_dir: str = option("", "run directory: config.json, metrics.jsonl, checkpoint.pt (default: runs/<script>)")
+    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
+                             "run its --out-dir holds")
+    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
+                            check=NON_NEGATIVE)
+    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
+                                "checked for NaN, only then)", check=at_least(1))
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
+                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
+    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
+    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
+    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
+    knn_bank_size: int = option(0, "training items in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
+    knn_test_size: int = option(0, "test items the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
+
+
+@dataclasses.dataclass
+class ImageRunConfig(RunConfig):
+    """RunConfig plus the image data and backbone options of the image scripts (moco_ring, adco, mmcl)."""
+    dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
+                          choices=common.IMAGE_DATASETS)
+    data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
+    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
+    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
+                                    "augments each batch on the training device (falls back to cpu when they do "
+                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
+                          choices=AUGMENT_CHOICES)
+    arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
+                       choices=("resnet18", "resnet50", "small"))
+    stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
+                       choices=("auto", "cifar", "imagenet"))
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.CHANNELS_LAST_CHOICES)
+
+    def settle(self, data: common.ImageData) -> None:
+        """Resolve the options that depend on the data: the crop side and the ResNet stem."""
+        self.image_size = data.image_size
+        self.stem = self.stem if self.stem != "auto" else ("cifar" if data.image_size < 100 else "imagenet")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one error line (not the whole usage block) and exit code 2."""
 
@@ -132,16 +193,18 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
         if check is not None and not check.accepts(values[field.name]):
             value = " ".join(map(str, values[field.name])) if isinstance(values[field.name], tuple) else values[field.name]
             parser.error(f"argument --{field.name.replace('_', '-')}: {value} is out of range (must be {check.rule})")
+    if "out_dir" in values and not values["out_dir"]:
+        values["out_dir"] = f"runs/{script_tag(config_class)}"
     if "resume" in values and "out_dir" in values:
         # The flags typed on this command line (not their defaults): those are what a resumed run must match.
         typed = {token.split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv)}
         given = {action.dest: values[action.dest] for action in parser._actions
                  if action.dest in values and typed.intersection(action.option_strings)}
-        values = continue_run(values, given)
+        values = continue_run(values, given, script_tag(config_class))
     return config_class(**values)
 
 
-def continue_run(values: dict, given: dict) -> dict:
+def continue_run(values: dict, given: dict, script: str) -> dict:
     """Resume by re-running (as DINO does: the run directory is the identity). The checkpoint is --resume's (a
     checkpoint.pt or a run directory), else the one already in --out-dir; without either this is a fresh run.
     Flags not given come from the checkpoint's config; given ones must agree with it, except those that do not
@@ -153,7 +216,10 @@ def continue_run(values: dict, given: dict) -> dict:
         path = Path(values["out_dir"]) / "checkpoint.pt"
         if not path.is_file():
             return values  # a fresh run (a directory without a checkpoint holds no run to continue)
-    saved = load_checkpoint(str(path))["config"]
+    state = load_checkpoint(str(path))
+    if state["script"] != script:  # never resume, never overwrite another script's run
+        fail(f"{path} holds a run of {state['script']}.py, not of {script}.py: pass another --out-dir")
+    saved = state["config"]
     different = sorted(name for name, value in given.items()
                        if name in saved and not same_setting(name, value, saved[name]))
     if different:
@@ -199,7 +265,6 @@ def shutdown_distributed() -> None:
 # depend on its batch position and on the RNG state (exact resume and 1 == N processes would need a wrapper around
 # every sampler), and it would be a run-time dependency for about 200 lines. The ops below are torchvision's own
 # formulas; tests/test_augment.py checks them op by op against torchvision.transforms.functional.
-AUGMENT_CHOICES = ("device", "cpu")
 _UNIFORMS_PER_VIEW = 64  # counters reserved per view in a sample's random stream (53 used)
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes, then falls back to a centre crop
 
@@ -668,22 +733,26 @@ class _WithIndex(torch.utils.data.Dataset):
 
 
 
+class EvaluationAbandoned(Exception):
+    """Raised inside an evaluation by the first Ctrl-C / SIGTERM, so that the save follows within seconds."""
+
+
 class CheckpointTimer:
     """When a training loop should stop to save: every `minutes` of wall time, and at once after SIGTERM or SIGINT
-    (a preempted job, Ctrl-C). The loop breaks out of its epoch when `due()` says so; the code after the epoch then
-    saves as it does at an epoch end, and the loop goes on from the saved step exactly as a resumed run would (the
-    sampler skips the batches already trained), or `stop_if_signalled` ends the run with one line.
+    (a preempted job, Ctrl-C). The first signal says at once what will happen; an evaluation in progress is
+    abandoned (world of one: under torchrun the ranks would wait for each other); a second Ctrl-C quits without
+    saving.
 
     Under torchrun the ranks must agree (their clocks differ, and a signal may reach one rank only): one all-reduce
-    of two flags every DDP_CHECK_EVERY calls (an all-reduce read on the host waits for the GPU: issue 13's "no host
-    sync per step"; every rank calls `due` once per step, so they count alike). At world size one, no collective."""
+    of two flags every DDP_CHECK_EVERY calls (an all-reduce read on the host waits for the GPU; every rank calls
+    `due` once per step, so they count alike). At world size one, no collective."""
 
     DDP_CHECK_EVERY = 10
 
     def __init__(self, minutes: float, device: torch.device):
         self.interval, self.device = minutes * 60.0, device
         self.last_save, self.stopping, self.signal_name = time.monotonic(), False, None
-        self.calls, self.handlers = 0, {}
+        self.calls, self.handlers, self.evaluating = 0, {}, False
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -691,6 +760,16 @@ class CheckpointTimer:
         if self.signal_name is not None:  # a second Ctrl-C: the user does not want to wait for the save
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        abandon = self.evaluating and world_size() == 1
+        print(f"\nstopping ({self.signal_name}): " + ("abandoning the evaluation, " if abandon else "") +
+              "saving after this step; press Ctrl-C again to quit without saving", file=sys.stderr, flush=True)
+        if abandon:
+            raise EvaluationAbandoned
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention, 128 + the signal (130 after Ctrl-C, 143 after SIGTERM or another rank's)."""
+        return 128 + (signal.SIGINT if self.signal_name == "SIGINT" else signal.SIGTERM)
 
     def due(self) -> bool:
         self.calls += 1
@@ -707,17 +786,164 @@ class CheckpointTimer:
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
-    def stop_if_signalled(self, step: int, checkpoint: Path) -> None:
-        if self.stopping:
-            self.close()
-            fail(f"stopped by {self.signal_name or 'a signal to another rank'} at step {step}; the checkpoint is "
-                 f"saved in {checkpoint}: run the same command again to continue")
-
     def close(self) -> None:
         """Give the signals their previous handlers back (the scripts also run inside tests and notebooks)."""
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
         self.handlers = {}
+
+
+def check_batch_size(batch_size: int, num_items: int, bn_splits: int = 1) -> None:
+    """The opening checks every script makes of its batch: it splits evenly over the processes, fits in the data,
+    and (one process imitating several GPUs) splits evenly into the BatchNorm groups."""
+    if batch_size % world_size():
+        fail(f"--batch-size {batch_size} does not split evenly over {world_size()} processes")
+    if batch_size > num_items:
+        fail(f"--batch-size {batch_size} is larger than the dataset ({num_items} items)")
+    if world_size() == 1 and batch_size % bn_splits:
+        fail(f"--batch-size {batch_size} is not divisible by --bn-splits {bn_splits}")
+
+
+class Run:
+    """One training run of a method script, so that its `main` reads like the algorithm:
+
+        run = engine.Run(cfg)                                      # processes and device
+        model = run.place(Model(cfg)); optimizer = ...
+        run.start(model, {"encoder": optimizer}, model.backbone)   # continues a checkpoint when there is one
+        for step, batch in run.steps(loader, sampler, evaluate):
+            run.log(train_step(model, optimizer, run.to_device(batch), step))
+
+    `steps` yields the global step about to be trained and its batch, epoch after epoch; around the yield it keeps
+    the run directory (created once the first batch has decoded: bad images write nothing), metrics.jsonl, the
+    progress bar, the evaluations (`evaluate()` returns a dict of numbers, at every --knn-every epochs and at the
+    end), checkpoints (every --checkpoint-minutes, at each epoch end, at the end, on SIGTERM / Ctrl-C), a NaN
+    check, and the messages: resuming, stopping, finished, and a one-line summary at the end."""
+
+    def __init__(self, cfg: Any):
+        self.cfg, self.tag = cfg, script_tag(type(cfg))
+        self.device = init_distributed()
+        self.channels_last = common.channels_last(getattr(cfg, "channels_last", "off"), self.device)
+        self.step, self.resumed = 0, False
+        self.model = self.optimizers = self.backbone = self.dir = None
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on this process's device (channels_last on a GPU)."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def to_device(self, batch):
+        return common.to_device(batch, self.device, self.channels_last)
+
+    def distributed(self, model: nn.Module) -> nn.Module:
+        """DDP under torchrun, the model itself alone. broadcast_buffers=False: queues and banks are identical on
+        every rank by construction, no need to send them each step."""
+        if world_size() == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+    def start(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], backbone: nn.Module) -> None:
+        """What a checkpoint holds (`backbone` again on its own, for export), restored when the run continues."""
+        self.model, self.optimizers, self.backbone = model, optimizers, backbone
+        self.config = dataclasses.asdict(self.cfg)
+        if self.cfg.resume:
+            state = load_checkpoint(self.cfg.resume, self.tag, self.config)
+            model.load_state_dict(state["model"], strict=True)
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
+            set_rng_state(state["rng"])
+            self.step, self.resumed = state["step"], True
+
+    def log(self, stats: dict) -> None:
+        """The step's numbers (device tensors are fine: they are read on the host every --log-every steps only)."""
+        self.stats = stats
+
+    def steps(self, loader, sampler: common.EpochSampler, evaluate: Callable[[], dict | None],
+              show: Sequence[str] = ()):
+        cfg, per_epoch = self.cfg, sampler.batches_per_epoch
+        self.per_epoch = per_epoch
+        total = cfg.epochs * per_epoch
+        last = min(total, cfg.max_steps) if cfg.max_steps else total
+        where = f"{cfg.out_dir} at step {self.step} of {last} (epoch {self.step // per_epoch + 1} of {cfg.epochs})"
+        if self.step >= last:
+            if is_main():
+                print(f"{cfg.out_dir} is finished: step {self.step} of {last}{last_evaluation(Path(cfg.out_dir))}; "
+                      "nothing to do: pass another --out-dir to start a new run")
+            return
+        if self.resumed and is_main():
+            print(f"resuming {where}", flush=True)
+        timer, metrics, started = CheckpointTimer(cfg.checkpoint_minutes, self.device), StepMetrics(), time.monotonic()
+        progress = tqdm(total=last, initial=self.step, disable=not is_main(), dynamic_ncols=True, smoothing=0,
+                        desc=self.tag)
+        record: dict = {}
+        try:
+            while self.step < last:
+                epoch, start_batch = divmod(self.step, per_epoch)  # epoch: 0-based here, 1-based in every message
+                sampler.set_epoch(epoch, start_batch)
+                tic, images = time.perf_counter(), 0
+                for batch in loader:
+                    if self.dir is None:  # the first batch has decoded: the run directory may now be written
+                        self.dir = RunDir(cfg.out_dir, self.config, self.tag, resuming=self.resumed, step=self.step)
+                    yield self.step, batch
+                    self.step += 1
+                    metrics.add(self.step, self.stats)
+                    images += cfg.batch_size
+                    progress.update()
+                    if self.step % cfg.log_every == 0 or self.step == last:
+                        record = metrics.pop(self.dir.check_finite)  # the loss is read here only; NaN stops the run
+                        progress.set_postfix({name: f"{record[name]:.3f}" for name in ("loss", *show)})
+                        self.dir.log({"step": self.step, "epoch": epoch + 1, **record,
+                                      "images_per_s": images / (time.perf_counter() - tic)})
+                        tic, images = time.perf_counter(), 0
+                    if self.step == last or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
+                        break
+                metrics.pop(self.dir.check_finite)  # no checkpoint of a diverged model
+                average_bn_statistics(self.model)
+                epochs_done, epoch_end = divmod(self.step, per_epoch)
+                if not timer.stopping and (self.step == last or (epoch_end == 0 and cfg.knn_every and
+                                                                 epochs_done % cfg.knn_every == 0)):
+                    self.evaluate(evaluate, timer, progress)
+                save_checkpoint(self.dir.checkpoint_path, self.tag, self.config, self.step, self.model,
+                                self.optimizers, self.backbone)
+                timer.saved()
+                if timer.stopping:
+                    progress.close()
+                    if is_main():
+                        print(f"stopped by {timer.signal_name or 'a signal to another rank'} at step {self.step} of "
+                              f"{last}; the checkpoint is saved in {self.dir.checkpoint_path}: run the same command "
+                              "again to continue", file=sys.stderr)
+                    raise SystemExit(timer.exit_code)
+        finally:
+            progress.close()
+            timer.close()
+        if is_main():
+            elapsed = datetime.timedelta(seconds=round(time.monotonic() - started))
+            loss = f", final loss {record['loss']:.4f}" if "loss" in record else ""
+            print(f"done at step {self.step} of {last} in {elapsed}{loss}{last_evaluation(self.dir.path)}; "
+                  f"checkpoint {self.dir.checkpoint_path}")
+
+    def evaluate(self, evaluate: Callable[[], dict | None], timer: CheckpointTimer, progress) -> None:
+        timer.evaluating = True
+        try:
+            results = evaluate()
+        except EvaluationAbandoned:
+            return
+        finally:
+            timer.evaluating = False
+        if results and is_main():
+            epoch = -(-self.step // self.per_epoch)  # the epoch this step ends or falls in, counted from 1
+            self.dir.log({"step": self.step, "epoch": epoch, **results})
+            progress.write(f"epoch {epoch} step {self.step}: " +
+                           ", ".join(f"{name} {value:.2f}" for name, value in results.items()))
+
+
+def last_evaluation(run_dir: Path) -> str:
+    """', knn_top1 37.90' for the last evaluation metrics.jsonl holds (empty when it holds none)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    evaluated = [r for r in records if not any(key in r for key in ("loss", "images_per_s"))]
+    if not evaluated:
+        return ""
+    return "".join(f", {k} {v:.2f}" for k, v in evaluated[-1].items() if k not in ("step", "epoch"))
 
 
 @torch.no_grad()

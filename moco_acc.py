@@ -332,7 +332,7 @@ class Config:
     # Only the image encoders take it (2-D convolutions): the audio encoder's kernels are 1-D, and the video
     # encoder's 3-D convolutions would want torch.channels_last_3d, which common.to_device does not apply.
     channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.SWITCH_CHOICES)
+                                choices=common.CHANNELS_LAST_CHOICES)
     out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
     resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
                              "run its --out-dir holds")

@@ -45,6 +45,9 @@ Where the paper and its public code (mhw32/contrastive-ring-public) differ (../s
 - IRing's bank momentum: the paper (Sec. 2) stores "the embedding of the view of x_i observed last epoch", the public
   config has m = 0: --bank-m 0 by default (Wu et al. 2018's own code: 0.5). The public code draws k - 1 = 4095
   negatives and adds the positive; here --bank-negatives k = 4096 negatives plus the positive, as Eq. 3 writes.
+- IRing's draws: the public NCERing (like Wu et al.'s NCEAverage) draws with replacement and may draw the query's
+  own entry (about 0.08 times per query at n = 50,000; 3 times at n = 1,280). Here the k negatives are distinct
+  ring members, never the own entry, so the whole bank with k >= M - 1 is the full softmax over the bank.
 - --symmetric sums both directions (loss_12 + loss_21), as MoCo's CIFAR demo that the flag names does; the logged
   loss is therefore about twice the asymmetric one.
 - Defaults for CIFAR follow MoCo's CIFAR-10 demo (ResNet-18, 3x3 stem, SplitBN 8, batch 512, K 4096, m 0.99,
@@ -64,43 +67,17 @@ Run:
     torchrun --nproc_per_node=4 moco_ring.py --batch-size 512      # 4 GPUs (global batch 512), or 4 CPU processes
     python engine.py probe runs/moco_ring/checkpoint.pt            # linear probe of the saved backbone
 
-Results measured (2-core CPU, no GPU, torch 2.14.1; README.md has every command):
-- ring_loss equals a naive per-query loop at five ring widths and MoCo's InfoNCE bit for bit at (0, 100);
-  bank_ring_loss equals a naive loop at three widths; the schedule equals a hand computation of the public code's
-  policies; 1 process with --bn-splits 2 and 2 gloo processes give the same first two losses, queue and bank;
-  resume is exact in both modes.
-- Small CNN on the CIFAR-10 JPEGs, 300 steps of batch 128, w_l annealed 0 -> 90 with w_u at 99 over the first 156
-  (--no-anneal-upper): kNN top-1 30.9% (random init) -> 37.9% (tests/test_moco_ring.py, 75 s, idle CPU).
-  The default schedule (w_u annealed too, [0, 90] -> [90, 99]), same budget, one run: 30.9% -> 34.7%.
-- IRing at the same scale (one run each, seed 0, kNN after step 156 / 300): IR 23.3 / 21.2, IRing annealed
-  22.0 / 21.9, IRing without annealing 24.5 / 24.0, all below the random-init encoder (30.9): in two epochs IR is
-  still starting up (epoch 1 contrasts random bank entries), so the paper's ordering is not reproduced at this
-  scale; figures/moco_ring_curves.png and README.md have the commands.
-- IRing given epochs: the first 128 JPEGs per class (1,280 images), 20 epochs of batch 128 (the bank refreshed 20
-  times, positives 10 steps old), ring annealed over epochs 1-10, kNN (k 20, bank the 1,280 images, 1,000 test
-  images), seeds 0-2, mean +- std after epoch 20: random init 31.2 +- 1.4, IR 25.6 +- 0.6, IRing annealed
-  25.8 +- 0.6, IRing without annealing 24.8 +- 1.7. Still all below random init (every run, by 3.6-8.9 points); the
-  three methods are within seed noise of each other. The projection head's outputs stay in a narrow cone (the
-  bank's mean pairwise cosine after 20 epochs, seed 0: 0.995-0.999; IR's loss within 0.05 of log(4097) from step
-  40 on): the loss has almost nothing to discriminate with. test_iring_learns_on_real_images (slow, strict
-  xfail) holds the protocol; README.md has the commands.
-- Step throughput, small CNN, batch 256, K 4096 (python benchmark.py ring --steps 20): MoCo v2 845 images/s,
-  MoCoRing 817, x0.966.
-- Not yet measured: CIFAR-10/100, STL-10 ResNet-18 runs of the paper's length (need a GPU). The paper's Table 1
-  (CIFAR-10, linear probe, its recipe above): IR 81.2 -> IRing 83.9, MoCo 83.1 -> MoCoRing 86.1; Table 2: IRing
-  without annealing 81.4. MoCo's CIFAR demo (the defaults here): kNN 82.6 at 200 epochs.
+Results (what reproduces at CPU scale, what needs a GPU, with commands, commits and machines): RESULTS.md.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 import typing
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import engine
@@ -238,22 +215,10 @@ class MemoryBank(nn.Module):
 # Config: every field is a flag (`ring_lower` -> `--ring-lower`); help and default live here only
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Config:
-    # data
-    dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
-                          choices=common.IMAGE_DATASETS)
-    data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
-    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
-    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
-                                    "augments each batch on the training device (falls back to cpu when they do "
-                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=engine.AUGMENT_CHOICES)
+class Config(engine.ImageRunConfig):
+    """MoCoRing's and IRing's options; the data, run and kNN options every image script shares are in
+    engine.ImageRunConfig."""
     # encoder
-    arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
-                       choices=("resnet18", "resnet50", "small"))
-    stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
-                       choices=("auto", "cifar", "imagenet"))
     dim: int = option(128, "feature dimension C of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MoCo v2 MLP projection head (--no-mlp: MoCo v1 linear head)")
     bn_splits: int = option(8, "BatchNorm groups on one device (SplitBatchNorm imitates that many GPUs); "
@@ -267,8 +232,9 @@ class Config:
     moco_t: float = option(0.1, "softmax temperature t", check=POSITIVE)
     symmetric: bool = option(False, "symmetric loss of MoCo's CIFAR demo: each view is query once and key once, "
                                     "loss_12 + loss_21 (the demo's sum, not the mean: the gradient is the demo's)")
-    bank_negatives: int = option(4096, "IRing: negatives k drawn per query from the ring, with replacement "
-                                       "(Eq. 3; the public code draws 4095 plus the positive)", check=at_least(1))
+    bank_negatives: int = option(4096, "IRing: negatives k drawn per query from the ring, distinct and never its "
+                                       "own entry (Eq. 3; the public code draws 4095 plus the positive)",
+                                 check=at_least(1))
     bank_m: float = option(0.0, "IRing: memory-bank momentum, M[i] <- norm(m M[i] + (1-m) v_i); 0 keeps the "
                                 "last epoch's view (Sec. 2, public code); Wu et al. 2018 use 0.5",
                            check=between(0.0, 1.0, include_high=False))
@@ -295,26 +261,6 @@ class Config:
                                            "cosine decay to 0 (MoCo's CIFAR demo)", check=engine.each(at_least(1)))
     momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
     weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
-    # run
-    seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
-    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
-                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
-    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.SWITCH_CHOICES)
-    out_dir: str = option("runs/moco_ring", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
-                             "run its --out-dir holds")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
-                            check=NON_NEGATIVE)
-    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
-                                "checked for NaN, only then)", check=at_least(1))
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
-    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
-                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
-    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
 
 # The Ring paper's CIFAR recipe (Sec. 5 "Training Details"; public configs mocov2/moco_ring.json, nce/nce_ring.json).
@@ -442,18 +388,18 @@ def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Opt
     generator = (torch.Generator(views[0].device).manual_seed(cfg.seed * 2**32 + step)
                  if cfg.negatives == "bank" else None)
     with common.autocast(views[0].device, cfg.precision):
-        loss, written = ddp_model(views, lower, upper, index, generator)  # lines 1-8
+        loss, new_entries = ddp_model(views, lower, upper, index, generator)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # line 9
     optimizer.step()
     if cfg.negatives == "bank":
         # After the loss, as in Wu et al. and the public code. Every rank writes the whole global batch's
         # embeddings, so all banks stay identical.
-        model.bank.update(common.concat_all_gather(index), common.concat_all_gather(written), cfg.bank_m)
+        model.bank.update(common.concat_all_gather(index), common.concat_all_gather(new_entries), cfg.bank_m)
     else:
         common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 10
         # line 11. Every rank enqueues the keys of the whole global batch, so all queues stay identical.
-        model.queue.enqueue(common.concat_all_gather(written))
+        model.queue.enqueue(common.concat_all_gather(new_entries))
     return {"loss": common.all_reduce_mean(loss.detach()), "lr": lr, "ring_lower": lower,
             "ring_upper": upper}
 
@@ -462,12 +408,7 @@ def train_step(model: MoCoRing, ddp_model: nn.Module, optimizer: torch.optim.Opt
 # Training loop (the same skeleton in every method script)
 # ---------------------------------------------------------------------------------------------------------------------
 def check_config(cfg: Config, num_images: int) -> None:
-    if cfg.batch_size % common.world_size():
-        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
-    if cfg.batch_size > num_images:
-        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
-    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
-        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    engine.check_batch_size(cfg.batch_size, num_images, cfg.bn_splits)
     if cfg.negatives == "bank" and cfg.symmetric:
         common.fail("--symmetric needs two views and a key encoder; IRing (--negatives bank) has one view per image")
     try:
@@ -478,77 +419,30 @@ def check_config(cfg: Config, num_images: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    device = engine.init_distributed()
+    run = engine.Run(cfg)
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     check_config(cfg, len(data.pretrain))
-    cfg.image_size = data.image_size
-    cfg.stem = cfg.stem if cfg.stem != "auto" else ("cifar" if data.image_size < 100 else "imagenet")
-    config = dataclasses.asdict(cfg)
+    cfg.settle(data)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and queue
-    model = MoCoRing(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1,
-                     bank_size=len(data.pretrain)).to(device)
-    channels_last = common.channels_last(cfg.channels_last, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = run.place(MoCoRing(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1,
+                               bank_size=len(data.pretrain)))
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume:
-        state = engine.load_checkpoint(cfg.resume, "moco_ring", config)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizers"]["encoder"])
-        engine.set_rng_state(state["rng"])
-        step = state["step"]
-    # broadcast_buffers=False: the queue is identical on every rank by construction, no need to send it each step.
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-                 if common.world_size() > 1 else model)
-    run = engine.RunDir(cfg.out_dir, config, "moco_ring", resuming=bool(cfg.resume), step=step)
+    run.start(model, {"encoder": optimizer}, model.encoder_q.backbone)
+    ddp_model = run.distributed(model)
 
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
-    loader = engine.pretrain_batches(data, cfg.augment, sampler, 1 if cfg.negatives == "bank" else 2,  # IR: 1 view
-                                     cfg.batch_size // common.world_size(), cfg.workers, device, yield_index=True)
-    evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
-                                 device)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
-    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
-    while step < last_step:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        tic, images = time.perf_counter(), 0
-        for views, index in loader:
-            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device, channels_last), step,
-                               steps_per_epoch, total_steps, index.to(device))
-            step += 1
-            metrics.add(step, stats)
-            images += cfg.batch_size
-            progress.update()
-            if step % cfg.log_every == 0 or step == last_step:
-                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
-                progress.set_postfix(loss=f"{stats['loss']:.3f}", w_l=f"{stats['ring_lower']:.1f}",
-                                     w_u=f"{stats['ring_upper']:.1f}")
-                run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
-                tic, images = time.perf_counter(), 0
-            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
-                break
-        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
-        epoch_done = step % steps_per_epoch == 0
-        engine.average_bn_statistics(model)
-        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            top1 = evaluate(model.encoder_q.backbone)
-            if common.is_main():
-                run.log({"step": step, "epoch": epoch, "knn_top1": top1})
-                progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        engine.save_checkpoint(run.checkpoint_path, "moco_ring", config, step, model, {"encoder": optimizer},
-                               model.encoder_q.backbone)
-        timer.saved()
-        timer.stop_if_signalled(step, run.checkpoint_path)
-    progress.close()
-    timer.close()
+    views_per_image = 1 if cfg.negatives == "bank" else 2  # IRing: one view (Eq. 3)
+    loader = engine.pretrain_batches(data, cfg.augment, sampler, views_per_image,
+                                     cfg.batch_size // common.world_size(), cfg.workers, run.device, yield_index=True)
+    knn = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
+                            run.device)
+    total_steps = cfg.epochs * sampler.batches_per_epoch
+    for step, (views, index) in run.steps(loader, sampler, lambda: {"knn_top1": knn(model.encoder_q.backbone)},
+                                          show=("ring_lower", "ring_upper")):
+        run.log(train_step(model, ddp_model, optimizer, run.to_device(views), step, sampler.batches_per_epoch,
+                           total_steps, index.to(run.device)))
 
 
 if __name__ == "__main__":
