@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def fail(message: str) -> None:
@@ -323,8 +324,9 @@ def load_image_data(name: str, root: str, image_size: int = 0, download: bool = 
     except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", or no network
         if not root_existed and Path(root).is_dir() and not any(Path(root).iterdir()):
             Path(root).rmdir()  # torchvision made it for the download that failed: leave nothing behind
-        fail(f"cannot load {name} from --data-root {root}: {str(e).splitlines()[0]}. Offline, '--dataset folder "
-             f"--data-root DIR' reads DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
+        fail(f"cannot load {name} from --data-root {root}: {str(e).splitlines()[0]}. Offline, read the bundled "
+             f"CIFAR-10 JPEGs with '--dataset folder --data-root ../shared/data/cifar10-jpg' (any DIR/train/<class>/"
+             f"*.jpg and DIR/test/<class>/*.jpg), and on a CPU add '--arch small'")
     return ImageData(train, train, test, len(train.classes), image_size or 32, mean, std)
 
 
@@ -442,12 +444,14 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
 # Evaluation: weighted kNN monitor (MoCo CIFAR demo / Wu et al. 2018) and linear probe
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalized backbone features (NxD) and labels (N) of every sample the loader yields, eval mode."""
+def extract_features(backbone: nn.Module, loader, device: torch.device,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized backbone features (NxD) and labels (N) of every sample the loader yields, eval mode, with a
+    progress bar under `desc` on the main process (an evaluation may take minutes: it should not look frozen)."""
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not is_main(), dynamic_ncols=True):
         with autocast(device):
             features.append(F.normalize(backbone(to_device(x, device)).float(), dim=1))
         labels.append(y.to(device))
@@ -469,9 +473,10 @@ def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.T
 def knn_accuracy(backbone: nn.Module, memory_loader, test_loader, num_classes: int, device: torch.device,
                  k: int = 200, temperature: float = 0.1) -> float:
     """kNN top-1 (%) of the test split against a bank of training features taken with test transforms."""
-    bank, bank_labels = extract_features(backbone, memory_loader, device)
+    bank, bank_labels = extract_features(backbone, memory_loader, device, "kNN: bank features")
     correct = 0
-    for features, labels in zip(*(t.split(1024) for t in extract_features(backbone, test_loader, device))):
+    test = extract_features(backbone, test_loader, device, "kNN: test features")
+    for features, labels in zip(*(t.split(1024) for t in test)):
         correct += (knn_predict(features, bank, bank_labels, num_classes, k, temperature) == labels).sum().item()
     return 100.0 * correct / len(test_loader.dataset)
 

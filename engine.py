@@ -258,7 +258,7 @@ def shutdown_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Device augmentation and in-memory datasets (issue 13): the MoCo v2 / SimCLR recipe of `common.pretrain_transform`,
+# Device augmentation and in-memory datasets: the MoCo v2 / SimCLR recipe of `common.pretrain_transform`,
 # applied to a uint8 batch on the training device, every sample with parameters drawn from its own seed
 # ---------------------------------------------------------------------------------------------------------------------
 # Why not kornia: it draws a batch's parameters from the global generator as one tensor, so a sample's crop would
@@ -667,7 +667,7 @@ class DeviceViewLoader:
 
 
 class StepMetrics:
-    """What a training loop logs, kept on the device between log steps (issue 13: no host sync per step). `add`
+    """What a training loop logs, kept on the device between log steps (no host sync per step). `add`
     (every step) queues two tiny device ops and never waits for the GPU; `pop` (every --log-every steps) returns
     the last step's numbers as floats in one transfer, after calling `on_nonfinite(loss, step)` for the first step
     since the previous pop whose loss was NaN or infinite, so a divergence is still named at the step it began."""
@@ -786,6 +786,10 @@ class CheckpointTimer:
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
+    def stop_requested(self) -> bool:
+        """Whether to stop after the save: the ranks agreed at the last `due`, or (alone) a signal came since."""
+        return self.stopping or (world_size() == 1 and self.signal_name is not None)
+
     def close(self) -> None:
         """Give the signals their previous handlers back (the scripts also run inside tests and notebooks)."""
         for sig, handler in self.handlers.items():
@@ -899,13 +903,13 @@ class Run:
                 metrics.pop(self.dir.check_finite)  # no checkpoint of a diverged model
                 average_bn_statistics(self.model)
                 epochs_done, epoch_end = divmod(self.step, per_epoch)
-                if not timer.stopping and (self.step == last or (epoch_end == 0 and cfg.knn_every and
+                if not timer.stop_requested() and (self.step == last or (epoch_end == 0 and cfg.knn_every and
                                                                  epochs_done % cfg.knn_every == 0)):
                     self.evaluate(evaluate, timer, progress)
                 save_checkpoint(self.dir.checkpoint_path, self.tag, self.config, self.step, self.model,
                                 self.optimizers, self.backbone)
                 timer.saved()
-                if timer.stopping:
+                if timer.stop_requested():
                     progress.close()
                     if is_main():
                         print(f"stopped by {timer.signal_name or 'a signal to another rank'} at step {self.step} of "
@@ -1110,19 +1114,21 @@ def load_checkpoint(path: str, script: str | None = None, config: dict | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 # Linear probe entry point: python engine.py probe CHECKPOINT
 # ---------------------------------------------------------------------------------------------------------------------
-PROBED_SCRIPTS = ("moco_ring", "adco", "mmcl")  # image backbones on IMAGE_DATASETS
+IMAGE_CHECKPOINT_KEYS = ("dataset", "data_root", "image_size", "arch", "stem")  # what the probe rebuilds from
 
 
 def probe_main(argv: Sequence[str] | None = None) -> None:
     parser = OneLineErrorParser(description="Linear probe of a saved checkpoint's frozen backbone",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint.pt written by one of the image method scripts")
+    parser.add_argument("checkpoint", help="checkpoint.pt of any image script (moco_ring.py, adco.py, mmcl.py, or a "
+                                           "copy of one)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of logistic regression on cached features")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine decay)")
     parser.add_argument("--data-root", default=None, help="override the data root stored in the checkpoint")
     parser.add_argument("--train-size", type=int, default=0, help="evenly spaced training subset (0: all)")
     parser.add_argument("--test-size", type=int, default=0, help="evenly spaced test subset (0: all)")
-    parser.add_argument("--workers", type=int, default=4, help="data loader processes")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data loader processes (by default 4, or this machine's CPUs if fewer)")
     args = parser.parse_args(argv)
     for flag, check in (("epochs", at_least(1)), ("lr", POSITIVE), ("train_size", NON_NEGATIVE),
                         ("test_size", NON_NEGATIVE), ("workers", NON_NEGATIVE)):
@@ -1130,10 +1136,11 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is out of range "
                          f"(must be {check.rule})")
     state = load_checkpoint(args.checkpoint)
-    if state["script"] not in PROBED_SCRIPTS:
-        fail(f"{args.checkpoint} was written by {state['script']}.py; the probe reads the image scripts' checkpoints "
-             f"({', '.join(s + '.py' for s in PROBED_SCRIPTS)})")
     cfg = state["config"]
+    missing = [key for key in IMAGE_CHECKPOINT_KEYS if key not in cfg]
+    if missing or cfg["dataset"] not in common.IMAGE_DATASETS:
+        fail(f"{args.checkpoint} was written by {state['script']}.py, whose backbone is not an image encoder the probe "
+             f"can rebuild (its config lacks {', '.join(missing) or 'an image dataset'})")
     device = init_distributed()
     data = common.load_image_data(cfg["dataset"], args.data_root or cfg["data_root"], cfg["image_size"], download=True)
     backbone = common.build_backbone(cfg["arch"], cfg["stem"]).to(device)
@@ -1141,7 +1148,8 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     tf = common.eval_transform(data.image_size, data.mean, data.std)
     loaders = [common.make_loader(common.Transformed(common.evenly_spaced_subset(d, n), tf), 256, args.workers, device)
                for d, n in ((data.memory, args.train_size), (data.test, args.test_size))]
-    (train_x, train_y), (test_x, test_y) = (common.extract_features(backbone, loader, device) for loader in loaders)
+    (train_x, train_y), (test_x, test_y) = (common.extract_features(backbone, loader, device, f"probe: {split} features")
+                                               for loader, split in zip(loaders, ("train", "test")))
     top1 = common.linear_probe(train_x, train_y, test_x, test_y, data.num_classes, args.epochs, args.lr)
     print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"], "linear_top1": round(top1, 2)}))
 

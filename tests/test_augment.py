@@ -400,7 +400,7 @@ def test_augment_path_keeps_the_pil_path_for_data_that_does_not_fit(monkeypatch,
 
 
 def test_bf16_autocast_and_channels_last_run_on_cpu_and_match_fp32():
-    """The GPU-only code paths (issue 13 item 4) on a CPU: an encoder in channels_last under bf16 autocast gives the
+    """The GPU-only code paths on a CPU: an encoder in channels_last under bf16 autocast gives the
     fp32 features up to bf16 rounding (8 mantissa bits: relative error ~0.4% per op, a few % after 4 layers), and
     its backward pass gives finite gradients close in direction."""
     torch.manual_seed(0)

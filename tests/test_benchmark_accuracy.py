@@ -1,8 +1,8 @@
-"""Tests for `python benchmark.py accuracy` (issue 16): every method under one protocol, evaluated alike.
+"""Tests for `python benchmark.py accuracy`: every method under one protocol, evaluated alike.
 
 The statistics (difference to a baseline and its standard error) against a hand computation, the scaling of the
 scripts' epoch-counted defaults against the rule written in the protocol, and the quick preset end to end: the JSON
-has the issue's schema and every method, a re-run reads finished runs back instead of training them again, and
+has its documented schema and every method, a re-run reads finished runs back instead of training them again, and
 --report-only tabulates the finished runs alone.
 """
 import json

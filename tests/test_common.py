@@ -137,7 +137,7 @@ def test_sampler_resumes_mid_epoch_with_the_same_samples_and_seeds():
 
 @needs_cifar
 def test_augmented_views_seed_the_cpu_generator_alone_with_the_same_views_as_fork_rng():
-    """Issue 17: seeding only the CPU generator gives the views fork_rng + manual_seed gave, bit for bit, and leaves
+    """Seeding only the CPU generator gives the views fork_rng + manual_seed gave, bit for bit, and leaves
     the global generator where it was."""
     data = common.load_image_data("folder", str(CIFAR_JPG))
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
@@ -147,7 +147,7 @@ def test_augmented_views_seed_the_cpu_generator_alone_with_the_same_views_as_for
     for index, seed in [(0, 7), (1234, 2**62 - 1), (19999, 42)]:
         (view_1, view_2), label = views[index, seed]
         image, expected_label = data.pretrain[index]
-        with torch.random.fork_rng(devices=[]):  # the implementation issue 17 replaced
+        with torch.random.fork_rng(devices=[]):  # reference: the global RNG seeded per sample
             torch.manual_seed(seed)
             expected_1, expected_2 = augment(image), augment(image)
         assert torch.equal(view_1, expected_1) and torch.equal(view_2, expected_2) and label == expected_label

@@ -1,6 +1,6 @@
-"""Never lose a run, never show a traceback (issue 14): kills and preemption followed by the same command again,
-bit-equal to a run that was never stopped; bad inputs of every script's entry point give one error line, exit 1
-or 2, and write nothing."""
+"""Never lose a run, never show a traceback: kills and preemption followed by the same command again, bit-equal to
+a run that was never stopped; bad inputs of every script's entry point give one error line, exit 1 or 2, and
+write nothing."""
 import os
 import signal
 import subprocess
@@ -24,15 +24,16 @@ def start(command: list[str], out_dir: Path) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def stop_after(process: subprocess.Popen, out_dir: Path, records: int, sig: signal.Signals) -> str:
-    """Send `sig` once metrics.jsonl holds `records` lines; return the process's stderr."""
+def stop_after(process: subprocess.Popen, out_dir: Path, records: int, sig: signal.Signals) -> tuple[int, str]:
+    """Send `sig` once metrics.jsonl holds `records` lines; return the process's exit code and stderr."""
     metrics, deadline = out_dir / "metrics.jsonl", time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= records:
             break
         time.sleep(0.02)
     process.send_signal(sig)
-    return process.communicate(timeout=300)[1]
+    stderr = process.communicate(timeout=300)[1]
+    return process.returncode, stderr
 
 
 def same_run(a: Path, b: Path) -> None:
@@ -53,20 +54,22 @@ def taxonomy_straight(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, minutes, records", [
-    (signal.SIGTERM, "10", 20),  # preemption: finish the step, save, exit 1 with one line
-    (signal.SIGINT, "10", 20),  # Ctrl-C: the same
+    (signal.SIGTERM, "10", 20),  # preemption: finish the step, save, say so, exit 143 (128 + SIGTERM)
+    (signal.SIGINT, "10", 20),  # Ctrl-C: the same, exit 130
     (signal.SIGKILL, "0", 5),  # killed before its first checkpoint: the directory holds no run yet
     (signal.SIGKILL, "0.001", 30),  # killed after interval checkpoints (every 60 ms): continue from the last
 ])
 def test_a_stopped_run_continues_by_running_the_same_command(taxonomy_straight, tmp_path, sig, minutes, records):
     command = [*TAXONOMY, "--checkpoint-minutes", minutes]
-    stderr = stop_after(start(command, tmp_path), tmp_path, records, sig)
+    code, stderr = stop_after(start(command, tmp_path), tmp_path, records, sig)
     if sig == signal.SIGKILL:
         assert not (tmp_path / "checkpoint.pt.tmp").exists() or (tmp_path / "checkpoint.pt").exists()
     else:
         last = stderr.strip().splitlines()[-1]
-        assert "Traceback" not in stderr and last.startswith(f"error: stopped by {sig.name} at step ")
-        stopped_at = int(last.split(" at step ")[1].split(";")[0])
+        assert code == 128 + sig and "Traceback" not in stderr and "error:" not in stderr, stderr[-2000:]
+        assert f"stopping ({sig.name}): saving after this step" in stderr
+        assert last.startswith(f"stopped by {sig.name} at step ") and last.endswith("again to continue")
+        stopped_at = int(last.split(" at step ")[1].split(" ")[0])
         assert 0 < stopped_at < 60 and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == stopped_at
     run_script(*command, "--out-dir", str(tmp_path))  # the same command again
     same_run(taxonomy_straight, tmp_path)
@@ -155,14 +158,16 @@ def test_a_zero_byte_or_foreign_checkpoint_gets_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: .*empty.pt is not a checkpoint of this project"):
         moco_taxonomy.main([*TAXONOMY[1:], "--resume", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "r")])
     moco_taxonomy.main([*TAXONOMY[1:], "--max-steps", "1", "--out-dir", str(tmp_path / "t")])
-    with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py; the probe reads"):
+    with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py, whose backbone is not an image encoder"):
         engine.probe_main([str(tmp_path / "t" / "checkpoint.pt")])
 
 
 @needs_cifar
+@pytest.mark.parametrize("augment", ["device", "cpu"])
 @pytest.mark.parametrize("content", [b"", b"not an image at all", None])
-def test_an_unreadable_image_is_named_in_one_line(tmp_path, content):
-    """A zero-byte file, garbage, a truncated JPEG: one error line naming the file, from a loader worker too."""
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, content, augment):
+    """A zero-byte file, garbage, a truncated JPEG: one error line naming the file, from a loader worker too (the
+    PIL path), and no run directory."""
     for split in ("train", "test"):
         for label in ("a", "b"):
             (tmp_path / split / label).mkdir(parents=True)
@@ -172,9 +177,11 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, content):
     bad.write_bytes(content if content is not None else (CIFAR_JPG / "train" / "cat" / "0000.jpg").read_bytes()[:300])
     result = run_script("moco_ring.py", "--dataset", "folder", "--data-root", str(tmp_path), "--arch", "small",
                         "--workers", "1", "--batch-size", "17", "--moco-k", "34", "--bn-splits", "1",
-                        "--knn-bank-size", "8", "--knn-test-size", "8", "--out-dir", str(tmp_path / "run"), check=False)
+                        "--knn-bank-size", "8", "--knn-test-size", "8", "--augment", augment,
+                        "--out-dir", str(tmp_path / "run"), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {bad}")
+    assert not (tmp_path / "run").exists()  # nothing written before the images are known to decode
 
 
 def test_a_diverged_run_names_its_likely_causes_and_what_was_saved(tmp_path):
