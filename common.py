@@ -317,7 +317,8 @@ def load_image_data(name: str, root: str, image_size: int = 0, download: bool = 
     try:
         if name == "stl10":
             pretrain = D.STL10(root, split="train+unlabeled", download=download)
-            memory, test = D.STL10(root, split="train", download=download), D.STL10(root, split="test", download=download)
+            memory = D.STL10(root, split="train", download=download)
+            test = D.STL10(root, split="test", download=download)
             return ImageData(pretrain, memory, test, 10, image_size or 96, mean, std)
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
         train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
@@ -339,7 +340,8 @@ def read_image(path: str):
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot read image {path} ({reason})") from None
 
 
 @contextlib.contextmanager
@@ -403,7 +405,7 @@ class EpochSampler(torch.utils.data.Sampler):
             yield from zip(rows.tolist(), seeds[rows].tolist())
 
 
-class Transformed(torch.utils.data.Dataset):
+class WithEvalTransform(torch.utils.data.Dataset):
     """(image, label) -> (transform(image), label), deterministic transforms only (evaluation)."""
 
     def __init__(self, base, transform):
@@ -488,8 +490,9 @@ class KnnMonitor:
     def __init__(self, data: ImageData, bank_size: int, test_size: int, k: int, temperature: float, workers: int,
                  device: torch.device):
         tf = eval_transform(data.image_size, data.mean, data.std)
-        self.memory = make_loader(Transformed(evenly_spaced_subset(data.memory, bank_size), tf), 256, workers, device)
-        self.test = make_loader(Transformed(evenly_spaced_subset(data.test, test_size), tf), 256, workers, device)
+        self.memory = make_loader(WithEvalTransform(evenly_spaced_subset(data.memory, bank_size), tf), 256, workers,
+                                  device)
+        self.test = make_loader(WithEvalTransform(evenly_spaced_subset(data.test, test_size), tf), 256, workers, device)
         self.num_classes, self.k, self.temperature, self.device = data.num_classes, k, temperature, device
 
     def __call__(self, backbone: nn.Module) -> float | None:
@@ -554,7 +557,6 @@ def to_device(x, device: torch.device, channels_last: bool | None = None):
     return x
 
 
-
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
     """Linear warm-up then half-cosine decay to 0, a function of the global step."""
     if step < warmup_steps:
@@ -566,8 +568,6 @@ def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------

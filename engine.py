@@ -54,7 +54,6 @@ def run_main(main: Callable[[], Any]) -> None:
     shutdown_distributed()
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: one typed dataclass per script; its fields become the argparse flags
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,7 +190,8 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
     for field in dataclasses.fields(config_class):
         check = field.metadata.get("check")
         if check is not None and not check.accepts(values[field.name]):
-            value = " ".join(map(str, values[field.name])) if isinstance(values[field.name], tuple) else values[field.name]
+            value = values[field.name]
+            value = " ".join(map(str, value)) if isinstance(value, tuple) else value
             parser.error(f"argument --{field.name.replace('_', '-')}: {value} is out of range (must be {check.rule})")
     if "out_dir" in values and not values["out_dir"]:
         values["out_dir"] = f"runs/{script_tag(config_class)}"
@@ -229,7 +229,6 @@ def continue_run(values: dict, given: dict, script: str) -> dict:
     return {**resumed, "resume": str(path)}
 
 
-
 def init_distributed() -> torch.device:
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE) and return this process's device.
 
@@ -254,7 +253,6 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -309,7 +307,7 @@ class ViewParams(NamedTuple):
 
 
 class DeviceAugment:
-    """`common.pretrain_transform` on a batch: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3), bilinear with
+    """`pretrain_transform` on a batch: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3), bilinear with
     torchvision's antialias), colour jitter 0.4/0.4/0.4/0.1 in a random order with p=0.8, grayscale p=0.2, Gaussian
     blur (kernel 10% of the side, sigma in (0.1, 2), p=0.5) from 64 px up, horizontal flip, normalisation.
 
@@ -391,7 +389,7 @@ class DeviceAugment:
             cols = resize_matrix(p.left, p.width, width, self.size, p.flip)  # NxSxW, mirrored where flipped
             x = crop_resize(images, rows, cols)
         color_jitter(x, drawn.jitter, drawn.order, drawn.factors)
-        if len(blurred):  # before the grayscale (common.pretrain_transform blurs after it): both are linear and the blur
+        if len(blurred):  # before the grayscale (pretrain_transform blurs after it): both are linear and the blur
             # treats every channel alike, so they commute up to float rounding; the grayscale then joins Normalize
             blurred = blurred.to(device, non_blocking=True)
             x[blurred] = gaussian_blur(x[blurred], self.blur_kernel, p.sigma[blurred])
@@ -597,7 +595,7 @@ def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesI
         images = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR: NxHxWx3 -> Nx3xHxW
         labels = torch.as_tensor(np.asarray(getattr(dataset, "targets", getattr(dataset, "labels", None))))
         return ImagesInMemory(images.contiguous().to(device), labels.long())
-    loader = torch.utils.data.DataLoader(_Decoded(dataset), batch_size=256, num_workers=workers,
+    loader = torch.utils.data.DataLoader(DecodedImages(dataset), batch_size=256, num_workers=workers,
                                          collate_fn=list, generator=torch.Generator())
     pairs = [pair for batch in loader for pair in batch]
     sizes = {image.shape[:2] for image, _ in pairs}
@@ -608,7 +606,7 @@ def load_into_memory(dataset, device: torch.device, workers: int = 0) -> ImagesI
     return ImagesInMemory(images.contiguous().to(device), torch.tensor([label for _, label in pairs]))
 
 
-class _Decoded(torch.utils.data.Dataset):
+class DecodedImages(torch.utils.data.Dataset):
     """(PIL image, label) -> (HxWx3 uint8 numpy array, label). Arrays, not tensors: a worker sends each tensor
     through a file descriptor, and 256 of them per batch exceed the open-file limit."""
 
@@ -626,7 +624,7 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 class DeviceViewLoader:
-    """The device path's stand-in for `common.make_loader(common.AugmentedViews(...), ..., sampler)`: iterating it yields, per
+    """The device path's stand-in for `make_loader(AugmentedViews(...), ..., sampler)`: iterating it yields, per
     batch, the same pair the DataLoader would, (views, labels), or (views, indices) with `yield_index` (IRing's
     bank). views: `num_views` NxCxSxS float tensors on the images' device, made by `augment` from the seeds the
     sampler hands out; labels or indices: N int64 on the CPU. No worker processes: while the step runs on batch t,
@@ -700,9 +698,8 @@ class StepMetrics:
         return record
 
 
-
-def pretrain_batches(data: common.ImageData, augment: str, sampler: common.EpochSampler, num_views: int, batch_size: int,
-                     workers: int, device: torch.device, yield_index: bool = False):
+def pretrain_batches(data: common.ImageData, augment: str, sampler: common.EpochSampler, num_views: int,
+                     batch_size: int, workers: int, device: torch.device, yield_index: bool = False):
     """The training batches of an image script: per step (views, labels), or (views, training indices) with
     `yield_index` (IRing's bank); views: `num_views` tensors NxCxSxS, augmented by the MoCo v2 / SimCLR recipe with
     the seeds `sampler` hands out. --augment device (when the images fit, augment_path): decoded once into memory
@@ -713,13 +710,13 @@ def pretrain_batches(data: common.ImageData, augment: str, sampler: common.Epoch
                                 DeviceAugment(data.image_size, data.mean, data.std), num_views, sampler, batch_size,
                                 yield_index)
     transform = common.pretrain_transform(data.image_size, data.mean, data.std)
-    images = _WithIndex(data.pretrain) if yield_index else data.pretrain
-    return common.make_loader(common.AugmentedViews(images, common.MultiView([transform] * num_views)), batch_size, workers, device,
-                       sampler, persistent=True)
+    images = IndexAsLabel(data.pretrain) if yield_index else data.pretrain
+    views = common.AugmentedViews(images, common.MultiView([transform] * num_views))
+    return common.make_loader(views, batch_size, workers, device, sampler, persistent=True)
 
 
-class _WithIndex(torch.utils.data.Dataset):
-    """(image, label) -> (image, index): common.AugmentedViews hands the second item through, so the loader yields (views,
+class IndexAsLabel(torch.utils.data.Dataset):
+    """(image, label) -> (image, index): AugmentedViews hands the second item through, so the loader yields (views,
     index). Pretraining never reads the label."""
 
     def __init__(self, base):
@@ -730,7 +727,6 @@ class _WithIndex(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.base[index][0], index
-
 
 
 class EvaluationAbandoned(Exception):
@@ -831,9 +827,14 @@ class Run:
         self.model = self.optimizers = self.backbone = self.dir = None
 
     def place(self, model: nn.Module) -> nn.Module:
-        """The model on this process's device (channels_last on a GPU)."""
+        """The model on this process's device; on a GPU its 2-D convolutions in channels_last (a video encoder's 3-D
+        ones stay as they are: that memory format holds 4-D tensors only)."""
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        if self.channels_last:
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
+        return model
 
     def to_device(self, batch):
         return common.to_device(batch, self.device, self.channels_last)
@@ -857,6 +858,11 @@ class Run:
             set_rng_state(state["rng"])
             self.step, self.resumed = state["step"], True
 
+    def is_logged(self, step: int) -> bool:
+        """Whether `steps` writes the numbers of the step it just yielded to metrics.jsonl (every --log-every steps
+        and the last): a step may measure what costs a device sync (a timing) on those steps only."""
+        return (step + 1) % self.cfg.log_every == 0 or step + 1 == self.last_step
+
     def log(self, stats: dict) -> None:
         """The step's numbers (device tensors are fine: they are read on the host every --log-every steps only)."""
         self.stats = stats
@@ -866,7 +872,7 @@ class Run:
         cfg, per_epoch = self.cfg, sampler.batches_per_epoch
         self.per_epoch = per_epoch
         total = cfg.epochs * per_epoch
-        last = min(total, cfg.max_steps) if cfg.max_steps else total
+        last = self.last_step = min(total, cfg.max_steps) if cfg.max_steps else total
         where = f"{cfg.out_dir} at step {self.step} of {last} (epoch {self.step // per_epoch + 1} of {cfg.epochs})"
         if self.step >= last:
             if is_main():
@@ -894,7 +900,8 @@ class Run:
                     progress.update()
                     if self.step % cfg.log_every == 0 or self.step == last:
                         record = metrics.pop(self.dir.check_finite)  # the loss is read here only; NaN stops the run
-                        progress.set_postfix({name: f"{record[name]:.3f}" for name in ("loss", *show)})
+                        shown = [name for name in ("loss", *show) if name in record]
+                        progress.set_postfix({name: f"{record[name]:.3f}" for name in shown})
                         self.dir.log({"step": self.step, "epoch": epoch + 1, **record,
                                       "images_per_s": images / (time.perf_counter() - tic)})
                         tic, images = time.perf_counter(), 0
@@ -963,7 +970,6 @@ def average_bn_statistics(model: nn.Module) -> None:
                 buffer /= world_size()
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Run directory: config.json, metrics.jsonl, checkpoint.pt (all written by the main process only)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -997,8 +1003,9 @@ class RunDir:
         if not os.access(self.path, os.W_OK | os.X_OK):
             fail(f"--out-dir {out_dir} is not writable")
         if not resuming and self.checkpoint_path.exists():
-            # Never lose work (parse_config resumes a run found in --out-dir, so only a caller that bypasses it gets here).
-            fail(f"--out-dir {out_dir} already holds a run; re-run its command to continue it, or pass another --out-dir")
+            # Never lose work (parse_config resumes a run found in --out-dir: only a caller that bypasses it gets here)
+            fail(f"--out-dir {out_dir} already holds a run; re-run its command to continue it, or pass another "
+                 "--out-dir")
         metrics = self.path / "metrics.jsonl"
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if resuming and _logged_step(line) <= step]
@@ -1146,10 +1153,11 @@ def probe_main(argv: Sequence[str] | None = None) -> None:
     backbone = common.build_backbone(cfg["arch"], cfg["stem"]).to(device)
     backbone.load_state_dict(state["backbone"], strict=True)
     tf = common.eval_transform(data.image_size, data.mean, data.std)
-    loaders = [common.make_loader(common.Transformed(common.evenly_spaced_subset(d, n), tf), 256, args.workers, device)
+    loaders = [common.make_loader(common.WithEvalTransform(common.evenly_spaced_subset(d, n), tf), 256, args.workers,
+                                  device)
                for d, n in ((data.memory, args.train_size), (data.test, args.test_size))]
-    (train_x, train_y), (test_x, test_y) = (common.extract_features(backbone, loader, device, f"probe: {split} features")
-                                               for loader, split in zip(loaders, ("train", "test")))
+    (train_x, train_y), (test_x, test_y) = (common.extract_features(backbone, loader, device, f"probe: {split}")
+                                            for loader, split in zip(loaders, ("train features", "test features")))
     top1 = common.linear_probe(train_x, train_y, test_x, test_y, data.num_classes, args.epochs, args.lr)
     print(json.dumps({"checkpoint": args.checkpoint, "step": state["step"], "linear_top1": round(top1, 2)}))
 
@@ -1186,6 +1194,27 @@ def plot_quantities(curves: dict[str, dict]) -> list[str]:
     return first + sorted(keys - set(first))
 
 
+Y_LABELS = {"loss": "loss (nats)", "knn_top1": "kNN top-1 (%)", "knn_top1_v": "kNN top-1, vision (%)",
+            "knn_top1_a": "kNN top-1, audio (%)", "ring_lower": "w_l (percentile)", "ring_upper": "w_u (percentile)"}
+NOT_A_SETTING = {"out_dir", "resume", "workers", "log_every", "knn_every", "checkpoint_minutes", "max_steps"}
+
+
+def run_labels(run_dirs: Sequence[str]) -> list[str]:
+    """A legend label per run: its script, plus the settings in which runs of the same script differ (so two runs
+    of moco_ring.py read 'moco_ring ring_lower=0 ring_upper=100' and 'moco_ring'), from each run's config.json."""
+    infos = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "config.json"
+        infos.append(json.loads(path.read_text()) if path.is_file() else {"script": Path(run_dir).name, "config": {}})
+    labels = []
+    for info in infos:
+        others = [o["config"] for o in infos if o is not info and o.get("script") == info.get("script")]
+        differing = [key for key, value in info["config"].items() if key not in NOT_A_SETTING and
+                     any(other.get(key) != value for other in others)]
+        labels.append(" ".join([str(info.get("script")), *(f"{key}={info['config'][key]}" for key in differing[:3])]))
+    return labels
+
+
 def plot_main(argv: Sequence[str] | None = None) -> None:
     parser = OneLineErrorParser(description="Curves of one or more runs: every quantity in metrics.jsonl against "
                                             "the step (except " + ", ".join(BOOKKEEPING_KEYS) + "), one line per run",
@@ -1194,9 +1223,15 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="curves.png", help="image to write (the extension picks the format)")
     parser.add_argument("--only", nargs="+", metavar="QUANTITY", default=None,
                         help="draw these quantities only, in this order (default: every one logged)")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
+                        help="legend label of each run, in order (default: its script and the settings in which "
+                             "the runs differ)")
     args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.run_dirs):
+        parser.error(f"argument --labels: {len(args.labels)} labels for {len(args.run_dirs)} runs")
     # The runs are read first, so a bad directory gets its own error whether or not matplotlib is installed.
     curves = {run_dir: read_curves(run_dir) for run_dir in args.run_dirs}
+    labels = dict(zip(args.run_dirs, args.labels or run_labels(args.run_dirs)))
     quantities = plot_quantities(curves)
     if args.only:
         missing = [key for key in args.only if key not in quantities]
@@ -1212,24 +1247,33 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    columns = min(3, len(quantities))
+    columns = 2 if len(quantities) == 4 else min(3, len(quantities))
     rows = math.ceil(len(quantities) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows + 0.5), squeeze=False)
     colours = {run_dir: f"C{i % 10}" for i, run_dir in enumerate(curves)}  # one colour per run in every panel
     for ax, key in zip(axes.flat, quantities):
+        values_drawn = []
         for run_dir, run in curves.items():
             if key in run:
                 steps, values = run[key]
                 sparse = len(steps) < 30  # kNN is measured a few times per run: show the points
-                ax.plot(steps, values, color=colours[run_dir], marker="o" if sparse else None, markersize=3,
-                        label=Path(run_dir).name)
+                ax.plot(steps, values, color=colours[run_dir], marker="o" if sparse else None, markersize=4,
+                        label=labels[run_dir])
+                values_drawn += values
+        if key.startswith("knn_") and values_drawn and max(values_drawn) - min(values_drawn) < 2.0:
+            middle = (max(values_drawn) + min(values_drawn)) / 2  # a 0.05-point axis would look like a large gap
+            ax.set_ylim(middle - 1.0, middle + 1.0)
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.set_ylabel(Y_LABELS.get(key, key))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(quantities):]:
         ax.set_visible(False)
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper right", fontsize=8)
-    fig.tight_layout()
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    legend_rows = math.ceil(len(handles) / 3)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(3, len(handles)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * legend_rows / rows, 1, 1))  # the legend below the panels, never on one
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: fig.savefig(p, dpi=90, format=out.suffix.lstrip(".") or "png"))

@@ -27,42 +27,26 @@ Where the paper and its public code (anshulbshah/MMCL, ../shared/papers/README.m
   (N-1). I follow the paper; --negatives first gives the code's choice.
 - Delta: Prop. 1 writes 11^T, which is k_xx 11^T with k_xx = K(z+, z+) = 1 (RBF, linear on unit vectors). The proof
   gives k_xx 11^T for any kernel, which I use (k_xx = tanh(gamma + eta) for tanh). But tanh is not a positive
-  semi-definite kernel, so with it Delta + beta I can have negative eigenvalues and g is not convex: the dual is
-  then no SVM optimum. Measured on 2N = 128 random unit vectors in 128-d (8 anchors): the smallest eigenvalue is
-  -0.23 / -2.2 / -14.8 at gamma 1 / 2 / 5, and PGD with C = inf ends at max alpha 0.9 / 1.4 / 1e67 (diverged,
-  all 1000 iterations): negative curvature is not always reachable from the orthant, but nothing bounds it.
-  INV returns a stationary point (a saddle where g curves down), PGD with a finite C a local minimum of the box;
-  --kernel tanh --solver pgd --C inf is refused when the flags are parsed, the rest is allowed and said in --help.
+  semi-definite kernel: Delta + beta I can have negative eigenvalues, g is then not convex, INV returns a stationary
+  point and PGD with a finite C a local minimum of the box. With C = inf nothing bounds PGD (max alpha 1e67 after
+  1000 iterations at gamma 5), so --kernel tanh --solver pgd --C inf is refused when the flags are parsed.
 - RBF bandwidth: I write K = exp(-||x-y||^2 / (2 sigma^2)) (Table 6) and --sigma2 is that sigma^2. The CIFAR-100
   recipe "sigma^2 = 0.02, times 10 at epochs 75 and 125" is, in the public code, K = exp(-||x-y||^2 / 50) divided
   down to /5 and /0.5: the coefficient 1/(2 sigma^2) grows 0.02 -> 0.2 -> 2, i.e. sigma^2 = 25 -> 2.5 -> 0.25,
-  my defaults (--sigma2 25 --sigma-milestones 75,125 --sigma-decay 10): the kernel sharpens as features improve.
+  my defaults (--sigma2 25 --sigma-milestones 75 125 --sigma-decay 10): the kernel sharpens as features improve.
 - tanh kernel: Table 6 prints tanh(-gamma x.y + eta); the code computes tanh(gamma x.y). I use tanh(gamma x.y + eta)
   with eta = 0 by default, the code's kernel (a minus sign would rank the closest points as the least similar).
 - PGD (appendix "PGD Solver"): Nesterov-accelerated, alpha restarted at random before every step (relu of a
-  Gaussian, as the code), at most 1000 steps (Hyperparameters), "a step size of 0.001 and optionally 1/||Delta||_2".
-  The paper gives no stopping rule. The public code stops the whole batch at the first iteration where the mean over
-  all entries of |a_m - a_m-1| / (a_m-1 + 1e-7) is below 1e-2; that is the default here (--pgd-stop batch; under
-  torchrun one scalar all-reduce per iteration keeps the mean global, as the code solves every anchor on every
-  GPU). --pgd-stop anchor stops each anchor on its own when ||a_m - a_m-1|| <= tol ||a_m-1||: a batch then gives
-  exactly what a loop over anchors gives, with no communication, but at a small fixed step it stops after one
-  iteration. I use FISTA's momentum sequence (t_1 = 1; the code starts it at a random number) and a step of
-  1/(||Delta||_F + beta) (the Frobenius norm is what the code's torch.norm(p=2, dim=(1,2)) computes, and bounds
-  lambda_max); --pgd-step 1e-3 gives the paper's fixed step. Why not that default: at sigma^2 25 a step of 1e-3 is
-  far below 1/lambda_max, and PGD stops long before the optimum. How far each rule and step stop (python
-  benchmark.py mmcl --batch-size 128, 16 anchors, % above the exact optimum g* of mmcl.svm_dual_exact; crowded
-  features: the untrained encoder's; spread: random unit vectors):
-      step                    stop     crowded (mean cosine 0.96)   spread (mean cosine 0.00)
-      1/(||Delta||_F + beta)  batch    +0.000..0.001%, 16 it        +0.003..0.006%, 63 it
-      1/(||Delta||_F + beta)  anchor   +0.014..0.030%, 8-10 it      +0.020..0.052%, 36-39 it
-      1e-3 (the paper's)      batch    +11.8..25.2%, 119 it         +75..173%, 1 it
-      1e-3 (the paper's)      anchor   +81.0..88.3%, 1 it           +75..173%, 1 it
-      INV (for comparison)             +0.000..0.196%               +347..531%
-  (2-core CPU under heavy load, 5 min 15 s with the step timing.) With the default step both rules end within 0.06%
-  of g*; with the paper's step the public rule runs on where the per-anchor one stops at once, but on spread
-  features the gradient at the start points away from every zero alpha and both stop after one iteration.
-  The start is drawn for the whole global batch from the seeded RNG, so it is the same at any world size and on
-  resume.
+  Gaussian, as the code; drawn for the whole global batch from the seeded RNG, so the same at any world size and on
+  resume), at most 1000 steps, "a step size of 0.001 and optionally 1/||Delta||_2". The paper gives no stopping
+  rule; the public code stops the whole batch at the first iteration where the mean over all entries of
+  |a_m - a_m-1| / (a_m-1 + 1e-7) is below 1e-2, the default here (--pgd-stop batch; under torchrun one scalar
+  all-reduce per iteration keeps the mean global). --pgd-stop anchor stops each anchor on its own when
+  ||a_m - a_m-1|| <= tol ||a_m-1||: a batch then gives exactly what a loop over anchors gives, with no
+  communication. I use FISTA's momentum sequence (t_1 = 1; the code starts it at a random number) and a step of
+  1/(||Delta||_F + beta) (the Frobenius norm is what the code's torch.norm(p=2, dim=(1,2)) computes; it bounds
+  lambda_max); --pgd-step 1e-3 gives the paper's fixed step, which at sigma^2 25 is far below 1/lambda_max, so PGD
+  stops long before the optimum (`python benchmark.py mmcl` prints how far each rule and step stop).
 - Loss scale: Algorithm 1 sums over anchors, the code averages; I average (Adam is insensitive to the scale).
 - C = inf is --C inf (the code's C = -1). beta = 0.1 (Practical considerations) is --beta.
 - Defaults for CIFAR follow the paper's small-dataset recipe: batch 256, Adam lr 1e-3 (weight decay 1e-6, constant
@@ -80,34 +64,18 @@ Run:
     torchrun --nproc_per_node=4 mmcl.py --batch-size 256           # 4 GPUs (global batch 256), or 4 CPU processes
     python engine.py probe runs/mmcl/checkpoint.pt                 # linear probe of the saved backbone
 
-Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
-each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (312 steps) of the small CNN on the
-CIFAR-10 JPEGs at 16 px, batch 64, Adam 1e-3, C 100:
-    random init 32.8 | SimCLR 38.0 | MMCL-INV 38.8 (sigma^2 1), 37.9 (sigma^2 25) | MMCL-PGD 41.8 (sigma^2 1),
-    39.3 (sigma^2 25); PGD keeps 9-27% of the negatives as support vectors (INV 48-61%), in 31-62 iterations.
-    python mmcl.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 0 --image-size 16
-        --batch-size 64 --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 [--loss simclr]
-        [--sigma2 1] [--solver pgd --pgd-stop anchor]   (PGD with the per-anchor rule, the only one at the time)
-The same epoch again after issue 12, sigma^2 25, one run each (figures/mmcl_curves.png): SimCLR 38.00 (unchanged),
-MMCL-INV 37.85, MMCL-PGD with the public code's stopping rule 39.80 (29-57 iterations a step).
-Step throughput at batch 256 (python benchmark.py mmcl --steps 5, small CNN, 2 CPU threads, variants interleaved):
-SimCLR 78 images/s, MMCL-INV 49 (x0.62), MMCL-PGD 22 (x0.28, 50 iterations); Delta is 254 MB. That was before
-solve_batched: INV's batched 510x510 solves were then wrong on this CPU (the rates stand as timings only). Not yet
-measured: GPU throughput and peak solver memory (the issue's goal: INV within 15% of SimCLR), ResNet-18 runs of the
-paper's length.
+Results (what reproduces at CPU scale, what needs a GPU, with commands, commits and machines): RESULTS.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import engine
@@ -343,23 +311,15 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch
     return F.cross_entropy(logits, torch.cat([mine + N, mine]))  # positive: the other view of the same image
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: every field is a flag (`sigma_milestones` -> `--sigma-milestones`); help and default live here only
+# ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Config:
-    # data
-    dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
-                          choices=common.IMAGE_DATASETS)
-    data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
-    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
-    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
-                                    "augments each batch on the training device (falls back to cpu when they do "
-                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=engine.AUGMENT_CHOICES)
+class Config(engine.ImageRunConfig):
+    """MMCL's and SimCLR's options; the data, run and kNN options every image script shares are in
+    engine.ImageRunConfig."""
+    seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)", check=NON_NEGATIVE)
     # encoder
-    arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
-                       choices=("resnet18", "resnet50", "small"))
-    stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
-                       choices=("auto", "cifar", "imagenet"))
     dim: int = option(128, "feature dimension D of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MLP projection head (--no-mlp: a linear head)")
     bn_splits: int = option(1, "BatchNorm groups per view on one device (SplitBatchNorm imitates that many GPUs); "
@@ -374,8 +334,9 @@ class Config:
                                 "not convex (INV returns a stationary point, PGD a local minimum; refused with "
                                 "--solver pgd --C inf, where it diverges)", choices=KERNELS)
     sigma2: float = option(25.0, "RBF bandwidth sigma^2 in exp(-||x-y||^2 / (2 sigma^2)) at the start", check=POSITIVE)
-    sigma_milestones: str = option("75,125", "epochs (comma-separated) at which sigma^2 is divided by "
-                                             "--sigma-decay; '' for a constant bandwidth")
+    sigma_milestones: tuple[int, ...] = option((75, 125), "epochs at which sigma^2 is divided by --sigma-decay "
+                                                          "(none: a constant bandwidth)",
+                                               check=engine.each(NON_NEGATIVE))
     sigma_decay: float = option(10.0, "factor sigma^2 is divided by at each milestone", check=POSITIVE)
     tanh_gamma: float = option(1.0, "tanh kernel scale gamma in tanh(gamma x.y + eta)")
     tanh_eta: float = option(0.0, "tanh kernel offset eta")
@@ -387,13 +348,13 @@ class Config:
     pgd_steps: int = option(1000, "maximum PGD iterations", check=at_least(1))
     pgd_step: float = option(0.0, "PGD step size; 0: 1/(||Delta||_F + beta) per anchor, at most 1/lambda_max (the "
                                   "paper and the public configs use a fixed 1e-3, or 1/||Delta||_2)",
-                             check=engine.NON_NEGATIVE)
+                             check=NON_NEGATIVE)
     # The paper gives no stopping rule; the public code's is the default, so PGD runs as it did for the paper's numbers.
     pgd_stop: str = option("batch", "when PGD stops: 'batch' (the public code) when the global batch's mean of "
                                     "|a_m - a_m-1| / (a_m-1 + 1e-7) is below --pgd-tol; 'anchor': each anchor when "
                                     "||a_m - a_m-1|| <= tol ||a_m-1||", choices=PGD_STOP_RULES)
     pgd_tol: float = option(1e-2, "PGD stopping tolerance of --pgd-stop (0: run all --pgd-steps)",
-                            check=engine.NON_NEGATIVE)
+                            check=NON_NEGATIVE)
     fn_correction: bool = option(False, "false-negative correction: alpha[alpha == C] = 0 (appendix)")
     # optimization
     epochs: int = option(400, "training epochs", check=at_least(1))
@@ -401,26 +362,6 @@ class Config:
     lr: float = option(1e-3, "Adam learning rate", check=NON_NEGATIVE)
     weight_decay: float = option(1e-6, "Adam weight decay", check=NON_NEGATIVE)
     cosine: bool = option(False, "cosine-decay the learning rate to 0 (the paper's CIFAR/STL recipe keeps it)")
-    # run
-    seed: int = option(0, "random seed (model init, data order, augmentations, PGD starts)", check=NON_NEGATIVE)
-    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
-                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
-    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.CHANNELS_LAST_CHOICES)
-    out_dir: str = option("runs/mmcl", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
-                             "run its --out-dir holds")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
-                            check=NON_NEGATIVE)
-    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
-                                "checked for NaN, only then)", check=at_least(1))
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
-    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
-                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
-    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
     def __post_init__(self):
         # Checked when the flags are parsed, before any data is read. With tanh, Delta + beta I has negative
@@ -431,15 +372,7 @@ class Config:
                         "SVM dual is unbounded below and PGD diverges (use --C 100, or --kernel rbf)")
 
 
-def parse_milestones(text: str) -> list[int]:
-    """'75,125' -> [75, 125]; '' -> []."""
-    milestones = [int(m) for m in text.replace(" ", "").split(",") if m]
-    if any(m < 0 for m in milestones):
-        raise ValueError("negative epoch")
-    return milestones
-
-
-def sigma2_at(step: int, steps_per_epoch: int, sigma2: float, milestones: list[int], decay: float) -> float:
+def sigma2_at(step: int, steps_per_epoch: int, sigma2: float, milestones: tuple[int, ...], decay: float) -> float:
     """The RBF bandwidth sigma^2 at a global step (Alg. 1 line 10): divided by `decay` at each milestone epoch
     passed, so the kernel sharpens as the features spread out (CIFAR-100 recipe, Hyperparameters)."""
     epoch = step // steps_per_epoch
@@ -481,7 +414,7 @@ def train_step(model: MMCL, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
     lr = common.cosine_lr(step, total_steps, cfg.lr) if cfg.cosine else cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
-    sigma2 = sigma2_at(step, steps_per_epoch, cfg.sigma2, parse_milestones(cfg.sigma_milestones), cfg.sigma_decay)
+    sigma2 = sigma2_at(step, steps_per_epoch, cfg.sigma2, cfg.sigma_milestones, cfg.sigma_decay)  # line 10
     with common.autocast(views[0].device, cfg.precision):
         loss, solver = ddp_model(views, sigma2)  # lines 1-8
     optimizer.zero_grad(set_to_none=True)
@@ -500,90 +433,34 @@ def train_step(model: MMCL, ddp_model: nn.Module, optimizer: torch.optim.Optimiz
 # Training loop (the same skeleton in every method script)
 # ---------------------------------------------------------------------------------------------------------------------
 def check_config(cfg: Config, num_images: int) -> None:
-    if cfg.batch_size % common.world_size():
-        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
-    if cfg.batch_size > num_images:
-        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
+    engine.check_batch_size(cfg.batch_size, num_images, cfg.bn_splits)
     if cfg.batch_size < 2:
         common.fail(f"--batch-size {cfg.batch_size}: contrastive learning needs at least 2 images (negatives)")
-    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
-        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
-    try:
-        parse_milestones(cfg.sigma_milestones)
-    except ValueError:
-        common.fail(f"--sigma-milestones '{cfg.sigma_milestones}' is not a comma-separated list of epochs")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = engine.parse_config(Config, argv, __doc__)
-    device = engine.init_distributed()
+    run = engine.Run(cfg)
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
     check_config(cfg, len(data.pretrain))
-    cfg.image_size = data.image_size
-    cfg.stem = cfg.stem if cfg.stem != "auto" else ("cifar" if data.image_size < 100 else "imagenet")
-    config = dataclasses.asdict(cfg)
+    cfg.settle(data)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders and PGD starts
-    model = MMCL(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
-    channels_last = common.channels_last(cfg.channels_last, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = run.place(MMCL(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1))
     optimizer = torch.optim.Adam(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume:
-        state = engine.load_checkpoint(cfg.resume, "mmcl", config)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizers"]["encoder"])
-        engine.set_rng_state(state["rng"])
-        step = state["step"]
-    # broadcast_buffers=False: BatchNorm statistics stay per rank, as per GPU in the paper's runs.
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-                 if common.world_size() > 1 else model)
-    run = engine.RunDir(cfg.out_dir, config, "mmcl", resuming=bool(cfg.resume), step=step)
+    run.start(model, {"encoder": optimizer}, model.encoder.backbone)
+    ddp_model = run.distributed(model)  # BatchNorm statistics stay per rank, as per GPU in the paper's runs
 
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
     loader = engine.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
-                                     cfg.workers, device)
-    evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
-                                 device)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
-    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
-    while step < last_step:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        tic, images = time.perf_counter(), 0
-        for views, _ in loader:
-            stats = train_step(model, ddp_model, optimizer, common.to_device(views, device, channels_last), step,
-                               steps_per_epoch, total_steps)
-            step += 1
-            metrics.add(step, stats)
-            images += cfg.batch_size
-            progress.update()
-            if step % cfg.log_every == 0 or step == last_step:
-                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
-                progress.set_postfix({k: f"{stats[k]:.3f}" for k in ("loss", "sv_frac") if k in stats})
-                run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
-                tic, images = time.perf_counter(), 0
-            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
-                break
-        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
-        epoch_done = step % steps_per_epoch == 0
-        engine.average_bn_statistics(model)
-        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            top1 = evaluate(model.encoder.backbone)
-            if common.is_main():
-                run.log({"step": step, "epoch": epoch, "knn_top1": top1})
-                progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        engine.save_checkpoint(run.checkpoint_path, "mmcl", config, step, model, {"encoder": optimizer},
-                               model.encoder.backbone)
-        timer.saved()
-        timer.stop_if_signalled(step, run.checkpoint_path)
-    progress.close()
-    timer.close()
+                                     cfg.workers, run.device)  # two views x+, x of each image (Alg. 1 line 1)
+    knn = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
+                            run.device)
+    total_steps = cfg.epochs * sampler.batches_per_epoch
+    for step, (views, _) in run.steps(loader, sampler, lambda: {"knn_top1": knn(model.encoder.backbone)},
+                                      show=("sv_frac",) if cfg.loss == "mmcl" else ()):
+        run.log(train_step(model, ddp_model, optimizer, run.to_device(views), step, sampler.batches_per_epoch,
+                           total_steps))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
 Paper: Shuang Ma, Zhaoyang Zeng, Daniel McDuff, Yale Song, "Active Contrastive Learning of Audio-Visual Video
 Representations", ICLR 2021 (../shared/papers/cm_acc_active_contrastive_av.txt). A random queue of negatives is
-redundant (many keys of one class, many easy keys); CM-ACC fills each modality's dictionary with the M candidates of
-a pool that k-means++ seeding picks in the space of gradient embeddings (Ash et al. 2020, BADGE): uncertain and
-diverse negatives. The public repository never ran (../shared/papers/README.md); this follows the paper.
+redundant (many keys of one class, many easy ones); CM-ACC fills each modality's dictionary with the M candidates of a
+pool that k-means++ picks among gradient embeddings (BADGE, Ash et al. 2020): uncertain and diverse negatives. The
+public repository never ran (../shared/papers/README.md); this follows the paper.
 
 Algorithm 2 (Algorithm 1 in detail), as implemented here (line numbers are cited in the code):
-     3  D_v, D_a <- K random clips of V, A                   # dictionaries             (Dictionary, main)
+     3  D_v, D_a <- K random clips of V, A                   # dictionaries             (Dictionary, draw_dictionaries)
      4  k_i <- h(x_i) for every x_i in D_v, D_a              # key encoders             (encode_samples)
-     6  each epoch: U_v, U_a <- N random clips               # pools (--pool-every)     (Pool, main)
+     6  each epoch: U_v, U_a <- N random clips               # pools (--pool-every)     (Pool, draw_pools)
      7  k_n <- h(x_n) for every x_n in U_v, U_a              #                          (encode_samples)
      9  each step: mini-batch B_v, B_a of M pairs            # two views per modality   (common.PairData)
     11  q^a = f_a(a), q^v = f_v(v)                           # queries: MxC             (CMACC.forward)
@@ -26,55 +26,34 @@ Algorithm 2 (Algorithm 1 in detail), as implemented here (line numbers are cited
 Algorithm 3 (k-means++ seeding): first seed uniform; each next seed drawn with probability proportional to D^2, the
 squared distance to the nearest seed chosen so far.
 --sampling random is XMoCo (Algorithm 4: the dictionaries enqueue the mini-batch's own keys, no pool); ohem keeps
-the M candidates of largest pseudo-label loss (Table 3); feature runs k-means++ on the keys instead of the gradient
-embeddings (Table 2); --unimodal is SMoCo (two MoCos, v against v' and a against a'); --shared-encoder is the
-"regular MoCo" of Appendix B for a pair of one kind (one encoder, one key encoder, one queue holding the keys of
-both directions; x queries meet y keys and the reverse); --no-fcl drops the additional FC layers (Table 1, "w/o fcl").
+the M candidates of largest pseudo-label loss (Table 3); feature runs k-means++ on the keys (Table 2); --unimodal is
+SMoCo (two MoCos, v against v', a against a'); --shared-encoder is Appendix B's "regular MoCo" for a pair of one kind
+(one encoder, one key encoder, one queue; x queries meet y keys and the reverse); --no-fcl is Table 1's "w/o fcl".
 
 Where the paper, its public code and this script differ:
-- The public code samples k-means++ seeds in proportion to D, not D^2, and defines the cross-modal FC layers
-  without using them. Here seeds follow Algorithm 3 (D^2, tested statistically) and the FC layers are in the loss
-  path: q^v = FC(f_v(v)), k^a = FC'(h_a(a)), and FC' follows FC by momentum (and the other way round).
-- Eq. (5) differentiates "with respect to parameters in the last layer" and names them theta_q^a, the audio
-  query encoder's, for video candidates (Algorithm 2 line 16 writes theta_q^v: the paper contradicts itself).
-  By default (--eq5 query) I read it as BADGE does: the layer whose output is the softmax over "classes", here
-  the M queries of the other modality acting on the candidate's key as a classifier's weights. Its gradient is
-  (p_n - onehot(y~_n)) (outer) k_n, an MxC matrix per candidate. I never materialize the N x MC matrix (2.5 GB at
-  the paper's N and M): k-means++ needs only inner products, and <r (outer) k, r' (outer) k'> = (r . r') (k . k').
-  --eq5 layer is the literal reading: the gradient with respect to the weight and bias of the other modality's
-  additional FC layer, the last layer of its query encoder (layer_gradient_embedding, closed form, tested
-  against autograd), materialized (N x (C^2 + C)). Without a temperature in Eq. (4) the posterior is nearly
-  uniform, so the BADGE reading's norms hardly vary (the "uncertainty" half of BADGE is almost absent); the
-  measured spread of both readings is under Results.
-- Eq. (4) has no temperature; I follow it (the loss of Eq. (6) uses tau).
-- Neither the paper nor its code keeps a query's own partner out of its negatives. Here the dictionaries track
-  dataset ids: the mini-batch's items are never candidates (line 12 reads U minus (D u B)), and a dictionary entry with
-  the query's id is masked out of its denominator (contrastive_loss). Before this, 12-13% of the queries on
-  avmnist (K 512, 4000 pairs) met their own partner among the actively sampled negatives, about K / |data|,
-  while XMoCo's queue almost never held it; the logs count it as own_partner_v / own_partner_a.
-- Alg. 4 enqueues the mini-batch before computing the loss, which puts every positive among its own negatives;
-  XMoCo here enqueues after the loss, as MoCo does. Active sampling enqueues S_v, S_a before the loss (Alg. 2).
-- One pool of N items per epoch serves both modalities (U_v and U_a are the two halves of the same N pairs); the
-  paper draws them separately, which changes nothing in expectation and halves the data loading.
-- Alg. 2 encodes the pool once per epoch (lines 6-7), so the keys it enqueues age for up to an epoch while every
-  positive key is fresh. I measured what that does on avmnist: the loss falls far faster than XMoCo's during the
-  first epoch and jumps back to chance (2 ln(K+1)) the step the pool is redrawn. The queries learn to tell old
-  keys from new ones, a shortcut. I keep the paper's schedule as the default and offer --pool-every S (redraw every
-  S steps, at N key-encoder forwards per modality each time) to trade compute for fresher negatives.
-- The paper states no number of epochs, no lr decay, no projection MLP, no audio augmentation: here warm-up then a
-  constant lr, a linear head (--mlp for MoCo v2's), and light SpecAugment-style masks on the log-mel (without any
-  audio augmentation, the unimodal audio task of SMoCo would be trivial).
-- Under torchrun each rank runs the selection on the gathered global batch of queries with the same generator,
-  and rank 0's picks are broadcast, so the dictionaries can never drift apart by a rounding difference.
+- The public code draws k-means++ seeds in proportion to D, not D^2, and defines the cross-modal FC layers without
+  using them. Here seeds follow Algorithm 3 (tested) and the FC layers are in the loss path: q^v = FC(f_v(v)),
+  k^a = FC'(h_a(a)), FC' following FC by momentum (and the other way round).
+- Eq. (5)'s "last layer" is theta_q^a in the text, theta_q^v in Alg. 2 line 16. --eq5 query (default) reads it as
+  BADGE does, the other modality's M queries as a classifier fed the candidate's key (k-means++ needs only inner
+  products: (p_n - onehot(y~_n)) (outer) k_n is never materialized); --eq5 layer is literal: the other modality's
+  additional FC layer. Eq. (4) has no temperature (kept), so p_n is nearly uniform and its norms hardly vary.
+- Neither keeps a query's own partner out of its negatives (an actively sampled dictionary holds it K / |data| of the
+  time, a queue almost never). Here the dictionaries track dataset ids: batch items are never candidates (line 12
+  reads U minus (D u B)), an entry with the query's id leaves its denominator (logged: own_partner_v, own_partner_a).
+- Alg. 4 enqueues the batch before the loss, so every positive is among its negatives: XMoCo here enqueues after it,
+  as MoCo does. Active sampling enqueues S_v, S_a before the loss (Alg. 2).
+- One pool of N pairs serves both modalities (the paper draws two). Its keys age for up to an epoch (lines 6-7) while
+  positive keys are fresh: on avmnist the queries learn to tell old keys from new (the loss collapses, then jumps
+  back to chance at each redraw). That schedule is the default; --pool-every S redraws every S steps.
+- The paper gives no epochs, lr decay, projection MLP or audio augmentation: here warm-up then a constant lr, a
+  linear head (--mlp: MoCo v2's), light SpecAugment-style masks on the log-mel (else SMoCo's audio task is trivial).
 
 Datasets (--dataset; a new one is one loader function added to DATASETS, see common.PairData):
-- avmnist: MNIST image of digit d paired with a Free Spoken Digit recording of digit d (pairing fixed per item, in
-  the manner of AV-MNIST). --data-root holds mnist5k/mnist_5k.npz and fsdd/recordings/ (../shared/data).
-  Labels of both modalities let the kNN monitor probe both encoders and let the logs count the classes among
-  the selected negatives (the paper's Figures 2 and 4).
-- avfolder: pre-extracted videos, --data-root/<video>/frames/00001.jpg... at --fps and <video>/audio.wav (16-bit
-  PCM), cut into clips of --clip-frames frames every --clip-stride frames with the matching audio segment.
-  Make one from your own video with ffmpeg:
+- avmnist: MNIST digit d paired with a Free Spoken Digit recording of d (fixed per item, as in AV-MNIST); --data-root
+  holds mnist5k/mnist_5k.npz and fsdd/recordings/. Both are labelled: kNN of both encoders, classes of the negatives.
+- avfolder: --data-root/<video>/frames/00001.jpg... at --fps and <video>/audio.wav (16-bit PCM), cut into clips of
+  --clip-frames frames every --clip-stride frames with their audio. From your own video:
       mkdir -p data/myvideo/frames
       ffmpeg -i myvideo.mp4 -vf "fps=10,scale=-2:128" -q:v 3 data/myvideo/frames/%05d.jpg
       ffmpeg -i myvideo.mp4 -vn -ac 1 -ar 16000 -c:a pcm_s16le data/myvideo/audio.wav
@@ -84,48 +63,11 @@ Run:
         --moco-m 0.99 --warmup-steps 50 --epochs 20 --workers 2          # avmnist on a laptop CPU
     python moco_acc.py --data-root ../shared/data --sampling random ...  # XMoCo (same flags)
     python moco_acc.py --data-root ../shared/data --pool-every 25 ...     # fresher pools (see above)
-    python moco_acc.py --data-root ../shared/data --log-every 1 ...       # every step in metrics.jsonl (default 10)
     python moco_acc.py --dataset avfolder --data-root ../shared/data/av-clips --batch-size 16 --moco-k 32 \\
         --pool-size 64 --clip-stride 8 --bn-splits 2                     # r3d_18 + audio ResNet-18, one GPU
     torchrun --nproc_per_node=8 moco_acc.py --dataset avfolder --data-root /data/kinetics-av   # paper settings
 
-Results measured (see README.md for every command and machine), on a 2-core CPU shared with other jobs, no GPU,
-one run each, seed 0. avmnist, 150 steps (125 per epoch):
-    python moco_acc.py --data-root ../shared/data --arch small --workers 0 --batch-size 32 --moco-k 128 \\
-        --pool-size 512 --moco-m 0.99 --warmup-steps 10 --bn-splits 2 --epochs 2 --max-steps 150 --knn-every 0 \\
-        --knn-bank-size 1000 --knn-test-size 300 [--sampling ...] [--pool-every 25]
-  kNN top-1 (%) of the image / audio backbone (bank: 1000 training items, queries: 300 test items, k=200):
-    random init (seed 0; seed 1: 75.0 / 48.0)           70.0 / 42.7
-    XMoCo, --sampling random                            87.3 / 58.7
-    CM-ACC, --sampling active (pool once per epoch)     65.0 / 48.0   loss 9.7 -> 6.3 in epoch 0, 9.6 after the redraw
-    CM-ACC, --sampling active --pool-every 25           67.0 / 57.0
-    k-means++ on keys, --sampling feature --pool-every 25   76.0 / 51.3
-    OHEM, --sampling ohem --pool-every 25               59.0 / 46.7
-  Single runs are noisy: another random stream for the k-means++ draws gave 74.0 / 50.7, 71.0 / 54.7 and
-  74.7 / 56.0 for the three k-means++ rows. Still, in these short runs random negatives learn fastest and OHEM
-  worst (as in Table 3); the paper's gains (Tables 1-3) come from Kinetics-scale pretraining I could not run here.
-  Classes among the selected negatives (Figure 2; tests/test_moco_acc.py, encoders of the XMoCo run above with the
-  own-partner mask, 100 steps of M=10 queries per modality = 200 draws, pool of 1000, OMP_NUM_THREADS=1): mean
-  distinct digits (+- standard error over draws) active 6.98 +- 0.07, feature 6.87 +- 0.07, OHEM 5.92 +- 0.09,
-  against 6.52 expected of a uniform draw: active beats random by 6.7 SE, OHEM falls short by 6.7 SE. 400 draws
-  of the same encoders: active 6.89 +- 0.05 (+7.6 SE), feature 6.87 +- 0.05, OHEM 5.93 +- 0.06. At random init:
-  active 6.66 +- 0.05 (+2.8 SE), feature 6.58 +- 0.05, OHEM 4.97 +- 0.11. (The 60 draws used before had SE 0.13:
-  7.05 here and 6.68 on another CPU were within 2 SE of each other.)
-  Eq. (5)'s two readings (the class-coverage test's encoders and pool, 100 steps of 10 queries per modality =
-  200 draws, OMP_NUM_THREADS=1), spread of the gradient-embedding norms over the 1000 candidates (std / mean,
-  max / min, averaged over draws) and classes among the k-means++ picks: trained encoders (mean max p of Eq. 4
-  0.18 at M 10): --eq5 query 0.022, 1.13, 6.98 +- 0.07 classes; --eq5 layer 0.22, 3.05, 6.89 +- 0.07. Random
-  init (max p 0.11): query 0.002, 1.01, 6.67 +- 0.07; layer 0.056, 1.34, 6.59 +- 0.07. The literal reading's norms
-  vary ten times more (the uncertainty half of BADGE is present), yet both pick as many classes, within noise.
-  Own partners among the negatives (logged own_partner_v, Spatial-MultiOmniglot --preset cpu, K 1024, 5,000 pairs,
-  now masked out of the loss): CM-ACC 18-21% of queries (K / |data| = 20%), XMoCo 1.4% (the initial random
-  dictionary, until the queue turns over), SMoCo 0.6%.
-  Step time, `OMP_NUM_THREADS=1 python benchmark.py acc --batch-size 32 --steps 20` (two small image CNNs, the
-  paper's ratios M:K:N = 32:960:9600, one thread): XMoCo 127 pairs/s (encode 186 / sample 0 / update 68 ms),
-  active 99 pairs/s (186 / 63 / 71 ms: +27%, the issue's goal is 25%), feature 107, OHEM 114; a pool refresh
-  encodes 406 pairs/s. k-means++ is M sequential passes over the N x (M + C) factors, memory-bound on a CPU.
-  Not measured: Kinetics / AudioSet pretraining, the UCF101, HMDB51 and ESC50 transfer of Tables 1-6, anything on
-  a GPU, the r3d_18 and audio ResNet-18 beyond a smoke test.
+Results (what reproduces at CPU scale, what needs a GPU, with commands, commits and machines): RESULTS.md.
 """
 from __future__ import annotations
 
@@ -139,7 +81,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import engine
@@ -263,7 +204,7 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, dictionary: torch.Tensor,
 
 def stream_seed(*parts) -> int:
     """A seed for one named random stream (pool of epoch e, selection at step t...), independent of the global RNG
-    so that resuming never depends on how much of it earlier code consumed."""
+    so that a resumed run draws what an uninterrupted one draws, whatever the global RNG went through."""
     return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
@@ -276,13 +217,14 @@ DATASETS = {"avmnist": common.load_avmnist, "avfolder": common.load_avfolder}
 
 
 @dataclasses.dataclass
-class Config:
+class Config(engine.RunConfig):
+    """CM-ACC's options; the run and kNN options every script shares are in engine.RunConfig (redeclared here
+    where a pair of modalities changes their meaning)."""
     # data
     dataset: str = option("avmnist", "paired data (see the docstring): 'avmnist' digits seen and spoken, "
                                      "'avfolder' pre-extracted videos, or any name added to DATASETS")
     data_root: str = option("./data", "dataset folder (avmnist: holds mnist5k/ and fsdd/; avfolder: one folder "
                                       "per video)")
-    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
     fps: float = option(10.0, "avfolder: frame rate the frames were extracted at (Appendix A: 10)", check=POSITIVE)
     clip_frames: int = option(16, "avfolder: frames per clip (Appendix A: 16 for pretraining)", check=at_least(1))
     clip_stride: int = option(16, "avfolder: frames between clip starts; each start is jittered within it",
@@ -300,6 +242,10 @@ class Config:
                              "(--no-fcl: Table 1's 'w/o fcl')")
     bn_splits: int = option(8, "BatchNorm groups on one device (imitates that many GPUs for shuffle BN); under "
                                "torchrun each process is one group", check=at_least(1))
+    # Only the image encoders take it (2-D convolutions): the audio encoder's kernels are 1-D, and the video
+    # encoder's 3-D convolutions would want torch.channels_last_3d, which common.to_device does not apply.
+    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
+                                choices=common.CHANNELS_LAST_CHOICES)
     # CM-ACC
     moco_k: int = option(3840, "dictionary size K of each modality (paper: 30 x 128)", check=at_least(1))
     pool_size: int = option(38400, "candidate pool size N of each modality, drawn each epoch (paper: 300 x 128)",
@@ -325,26 +271,10 @@ class Config:
     batch_size: int = option(128, "global mini-batch size M of pairs (split evenly over processes)", check=at_least(1))
     lr: float = option(1e-3, "Adam learning rate gamma, constant after the warm-up", check=NON_NEGATIVE)
     warmup_steps: int = option(500, "linear warm-up steps (Section 5: 500 iterations)", check=NON_NEGATIVE)
-    # run
+    # run (shared with every script; here pools and k-means++ draw from the seed too, and each modality has a kNN)
     seed: int = option(0, "random seed (model init, data order, augmentations, pools, k-means++)", check=NON_NEGATIVE)
-    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
-                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
-    # Only the image encoders take it (2-D convolutions): the audio encoder's kernels are 1-D, and the video
-    # encoder's 3-D convolutions would want torch.channels_last_3d, which common.to_device does not apply.
-    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.CHANNELS_LAST_CHOICES)
-    out_dir: str = option("runs/moco_acc", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
-                             "run its --out-dir holds")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
-    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
-                                "checked for NaN, only then)", check=at_least(1))
-    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
-                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
     knn_every: int = option(5, "epochs between kNN evaluations of each labelled modality (0: only at the end)",
                             check=NON_NEGATIVE)
-    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
     knn_bank_size: int = option(0, "training items in each kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
     knn_test_size: int = option(0, "test items each kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
@@ -487,7 +417,7 @@ def encode_samples(model: CMACC, dataset, indices: torch.Tensor, seeds: torch.Te
             indices.to(device))
 
 
-class WithIds(torch.utils.data.Dataset):
+class WithItemIds(torch.utils.data.Dataset):
     """A common.PairData.train whose items also return their dataset index (the id the dictionaries track)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
@@ -504,6 +434,25 @@ def draw_items(num_items: int, size: int, *stream) -> tuple[torch.Tensor, torch.
     """`size` distinct dataset indices and their augmentation seeds, from a named random stream."""
     g = torch.Generator().manual_seed(stream_seed(*stream))
     return torch.randperm(num_items, generator=g)[:size], torch.randint(0, 2**62, (size,), generator=g)
+
+
+def draw_dictionaries(model: CMACC, dataset, cfg: Config, device: torch.device) -> None:
+    """Alg. 2 lines 3-4: K random items, encoded by the key encoders, fill both dictionaries."""
+    keys, _, ids = encode_samples(model, dataset, *draw_items(len(dataset), cfg.moco_k, "dictionary", cfg.seed),
+                                  cfg.batch_size, cfg.workers, device)
+    for m in MODALITIES:
+        model.dictionary[m].enqueue(keys[m], ids)
+
+
+def draw_pools(model: CMACC, dataset, cfg: Config, step: int, device: torch.device) -> None:
+    """Alg. 2 lines 6-7: N random items (a stream of the step), encoded by the current key encoders, become both
+    modalities' pools."""
+    keys, labels, ids = encode_samples(model, dataset, *draw_items(len(dataset), cfg.pool_size, "pool", cfg.seed, step),
+                                       cfg.batch_size, cfg.workers, device)
+    for m in MODALITIES:
+        model.pool[m].keys.copy_(keys[m])
+        model.pool[m].ids.copy_(ids)
+        model.pool[m].labels.copy_(labels[m])
 
 
 def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -526,7 +475,7 @@ def train_step(model: CMACC, ddp_model: nn.Module, optimizer: torch.optim.Optimi
     encoded = clock(device, timed)
     chosen = None if cfg.sampling == "random" else model.sample_negatives(q, step, global_ids)  # lines 10-27
     sampled = clock(device, timed)
-    # Queries whose own partner sits in the dictionary they meet (masked out of the loss): logged, issue 11.
+    # Queries whose own partner sits in the dictionary they meet: masked out of the loss, counted in the logs.
     own_partner = {m: torch.isin(ids, model.dictionary[model.partner[m]].ids).float().mean() for m in MODALITIES}
     with torch.autocast(device.type, enabled=False):  # line 30, Eq. (6), in fp32
         losses = {m: contrastive_loss(q[m], k[model.partner[m]], model.dictionary[model.partner[m]].keys, cfg.moco_t,
@@ -572,17 +521,22 @@ def clock(device: torch.device, sync: bool = True) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Training loop (the same skeleton in every method script)
 # ---------------------------------------------------------------------------------------------------------------------
-def check_config(cfg: Config, num_items: int) -> None:
-    if cfg.batch_size % common.world_size():
-        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
-    if cfg.batch_size > num_items:
-        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_items} pairs)")
-    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
-        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+def load_pair_data(cfg: Config) -> common.PairData:
+    if cfg.dataset not in DATASETS:  # checked here, not by argparse choices, so other code can add datasets
+        common.fail(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
+    return DATASETS[cfg.dataset](cfg)
+
+
+def check_config(cfg: Config, data: common.PairData) -> None:
+    num_items = len(data.train)
+    engine.check_batch_size(cfg.batch_size, num_items, cfg.bn_splits)
     if cfg.eq5 == "layer" and not cfg.fcl:
         common.fail("--eq5 layer differentiates with respect to the additional FC layer: it needs --fcl")
     if cfg.shared_encoder and (cfg.sampling != "random" or cfg.unimodal):
         common.fail("--shared-encoder is regular MoCo across the pair: it needs --sampling random, no --unimodal")
+    if cfg.shared_encoder and (data.kinds[0] != data.kinds[1] or data.in_channels[0] != data.in_channels[1]):
+        common.fail(f"--shared-encoder needs two modalities of one kind; {cfg.dataset} pairs "
+                    f"{' and '.join(data.kinds)}")
     if cfg.moco_k % cfg.batch_size or cfg.moco_k > num_items:
         common.fail(f"--moco-k {cfg.moco_k} must be a multiple of --batch-size {cfg.batch_size} (it is encoded in "
                     f"batches) and at most the dataset size ({num_items} pairs)")
@@ -595,96 +549,31 @@ def check_config(cfg: Config, num_items: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = engine.parse_config(Config, argv, __doc__)
-    device = engine.init_distributed()
-    if cfg.dataset not in DATASETS:  # checked here, not by argparse choices, so other code can add datasets
-        common.fail(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
-    data = DATASETS[cfg.dataset](cfg)
-    check_config(cfg, len(data.train))
-    if cfg.shared_encoder and (data.kinds[0] != data.kinds[1] or data.in_channels[0] != data.in_channels[1]):
-        common.fail(f"--shared-encoder needs two modalities of one kind; {cfg.dataset} pairs {' and '.join(data.kinds)}")
-    config = dataclasses.asdict(cfg)
+    run = engine.Run(cfg)
+    data = load_pair_data(cfg)
+    check_config(cfg, data)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
-    model = CMACC(cfg, data.kinds, data.in_channels, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1)
-    model = model.to(device)
-    channels_last = common.channels_last(cfg.channels_last, device)
-    if channels_last:  # the image encoders only (see --channels-last); their 4-D inputs follow in common.to_device
-        for m, kind in zip(MODALITIES, data.kinds):
-            if kind == "image":
-                model.query[m].to(memory_format=torch.channels_last)
-                model.key[m].to(memory_format=torch.channels_last)
+    bn_splits = cfg.bn_splits if common.world_size() == 1 else 1  # under torchrun each process is one BN group
+    model = run.place(CMACC(cfg, data.kinds, data.in_channels, bn_splits))
     optimizer = torch.optim.Adam([*model.query.parameters(), *model.fc_query.parameters()], lr=cfg.lr)
-    step = 0
-    if cfg.resume:
-        state = engine.load_checkpoint(cfg.resume, "moco_acc", config)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizers"]["encoder"])
-        engine.set_rng_state(state["rng"])
-        step = state["step"]
-    # broadcast_buffers=False: dictionaries and pools are identical on every rank by construction.
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-                 if common.world_size() > 1 else model)
-    run = engine.RunDir(cfg.out_dir, config, "moco_acc", resuming=bool(cfg.resume), step=step)
+    run.start(model, {"encoder": optimizer}, model.backbones())
+    ddp_model = run.distributed(model)
+    if not run.resumed:  # a resumed run has its dictionaries (and pools) from the checkpoint
+        draw_dictionaries(model, data.train, cfg, run.device)  # Alg. 2 lines 3-4
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
-    loader = common.make_loader(WithIds(data.train), cfg.batch_size // common.world_size(), cfg.workers, device,
-                                sampler, persistent=True)
-    evaluate = common.PairKnn(data, cfg, device)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    if not cfg.resume:  # Alg. 2 lines 3-4: K random items per modality, encoded by the key encoders
-        keys, _, ids = encode_samples(model, data.train, *draw_items(len(data.train), cfg.moco_k, "dictionary",
-                                                                      cfg.seed), cfg.batch_size, cfg.workers, device)
-        for m in MODALITIES:
-            model.dictionary[m].enqueue(keys[m], ids)
-
-    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
-    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
-    while step < last_step:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        tic, pairs = time.perf_counter(), 0
-        for views_v, views_a, label_v, label_a, batch_ids in loader:
-            if cfg.sampling != "random" and step % (cfg.pool_every or steps_per_epoch) == 0:  # Alg. 2 lines 6-7
-                keys, labels, ids = encode_samples(model, data.train, *draw_items(len(data.train), cfg.pool_size,
-                                                                                  "pool", cfg.seed, step),
-                                                   cfg.batch_size, cfg.workers, device)
-                for m in MODALITIES:
-                    model.pool[m].keys.copy_(keys[m])
-                    model.pool[m].ids.copy_(ids)
-                    model.pool[m].labels.copy_(labels[m])
-            views = {"v": common.to_device(views_v, device, channels_last),
-                     "a": common.to_device(views_a, device, channels_last)}
-            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == last_step
-            stats = train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, batch_ids,
-                               step, timed=log_step)
-            step += 1
-            metrics.add(step, stats)
-            pairs += cfg.batch_size
-            progress.update()
-            if log_step:
-                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
-                progress.set_postfix(loss=f"{stats['loss']:.3f}", sample_ms=f"{1000 * stats['time_sample_s']:.0f}")
-                run.log({"step": step, "epoch": epoch, **stats, "pairs_per_s": pairs / (time.perf_counter() - tic)})
-                tic, pairs = time.perf_counter(), 0
-            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
-                break
-        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
-        epoch_done = step % steps_per_epoch == 0
-        engine.average_bn_statistics(model)
-        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            top1 = evaluate(model.backbones())
-            if top1:
-                run.log({"step": step, "epoch": epoch, **top1})
-                progress.write(f"epoch {epoch} step {step}: kNN top-1 " +
-                               ", ".join(f"{m[-1]} {v:.2f}%" for m, v in top1.items()))
-        engine.save_checkpoint(run.checkpoint_path, "moco_acc", config, step, model, {"encoder": optimizer},
-                               model.backbones())
-        timer.saved()
-        timer.stop_if_signalled(step, run.checkpoint_path)
-    progress.close()
-    timer.close()
+    loader = common.make_loader(WithItemIds(data.train), cfg.batch_size // common.world_size(), cfg.workers,
+                                run.device, sampler, persistent=True)
+    knn = common.PairKnn(data, cfg, run.device)
+    for step, (views_v, views_a, label_v, label_a, ids) in run.steps(loader, sampler, lambda: knn(model.backbones()),
+                                                                     show=("loss_v", "loss_a")):
+        if cfg.sampling != "random" and step % (cfg.pool_every or sampler.batches_per_epoch) == 0:
+            draw_pools(model, data.train, cfg, step, run.device)  # Alg. 2 lines 6-7
+        views = {"v": run.to_device(views_v), "a": run.to_device(views_a)}
+        # The split of the step is timed on logged steps only: on a GPU each of its marks waits for the device.
+        run.log(train_step(model, ddp_model, optimizer, views, {"v": label_v, "a": label_a}, ids, step,
+                           timed=run.is_logged(step)))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def test_epoch_counted_defaults_scale_by_the_protocols_rule():
     assert benchmark.scale_epochs(75, 400, 200) == 38  # 37.5 -> 38
     assert benchmark.scale_epochs(125, 400, 2) == 1  # 0.625 -> 1
     assert benchmark.scaled_defaults("moco_ring", 2) == {"--anneal-epochs": {"default": 100, "of": 200, "value": 1}}
-    assert benchmark.scaled_defaults("mmcl", 2)["--sigma-milestones"]["value"] == "0,1"
-    assert benchmark.scaled_defaults("mmcl", 200)["--sigma-milestones"]["value"] == "38,63"
+    assert benchmark.scaled_defaults("mmcl", 2)["--sigma-milestones"]["value"] == (0, 1)
+    assert benchmark.scaled_defaults("mmcl", 200)["--sigma-milestones"]["value"] == (38, 63)
     assert benchmark.scaled_defaults("adco", 2) == {}
 
 

@@ -223,11 +223,11 @@ def clustered_deltas(N, anchors, sigma2, seed, spread=0.3):
 
 
 def test_with_the_fixed_step_the_anchor_rule_stops_at_once_and_the_batch_rule_goes_on():
-    # Issue 12's finding at the paper's step 1e-3 and the default sigma^2 25 (N 64 here, for speed): the per-anchor
-    # rule sees a tiny relative change and stops after one iteration far above the optimum; the public code's rule
-    # counts alphas leaving 0 as large changes and runs on. Measured on this problem (float64, fixed seeds): anchor
-    # 1 iteration, 65-78% above the optimum; batch 102 iterations, 5.4-11.5% above. With the default step
-    # 1/(||Delta||_F + beta) both end within 0.02% (benchmark.py mmcl prints the same lines for a real batch).
+    # At the paper's step 1e-3 and the default sigma^2 25 (N 64 here, for speed): the per-anchor rule sees a tiny
+    # relative change and stops after one iteration far above the optimum; the public code's rule counts alphas
+    # leaving 0 as large changes and runs on. Measured on this problem (float64, fixed seeds): anchor 1 iteration,
+    # 65-78% above the optimum; batch 102 iterations, 5.4-11.5% above. With the default step 1/(||Delta||_F + beta)
+    # both end within 0.02% (benchmark.py mmcl prints the same lines for a real batch).
     beta, C = 0.1, 100.0
     Delta = clustered_deltas(64, 8, sigma2=25.0, seed=0)
     A = Delta + beta * torch.eye(Delta.shape[1], dtype=torch.float64)
@@ -364,8 +364,10 @@ def test_simclr_loss_is_nt_xent():
 
 
 def test_sigma_schedule_and_milestones():
-    assert mmcl.parse_milestones("75, 125") == [75, 125] and mmcl.parse_milestones("") == []
-    sig = [mmcl.sigma2_at(s, 10, 25.0, [75, 125], 10.0) for s in (0, 749, 750, 1249, 1250, 4000)]
+    assert engine.parse_config(mmcl.Config, []).sigma_milestones == (75, 125)
+    assert engine.parse_config(mmcl.Config, ["--sigma-milestones", "50", "100"]).sigma_milestones == (50, 100)
+    assert engine.parse_config(mmcl.Config, ["--sigma-milestones"]).sigma_milestones == ()  # constant bandwidth
+    sig = [mmcl.sigma2_at(s, 10, 25.0, (75, 125), 10.0) for s in (0, 749, 750, 1249, 1250, 4000)]
     assert sig == pytest.approx([25.0, 25.0, 2.5, 2.5, 0.25, 0.25])
 
 
@@ -443,7 +445,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("flags", [["--augment", "cpu"], ["--precision", "bf16", "--channels-last", "on"]])
-def test_data_paths_and_gpu_settings_run_on_the_cpu(tmp_path, flags):  # issue 13: every path executes in CI
+def test_data_paths_and_gpu_settings_run_on_the_cpu(tmp_path, flags):  # every path runs without a GPU
     mmcl.main(["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-size", "16", "--max-steps", "2",
                "--epochs", "1", "--knn-bank-size", "64", "--knn-test-size", "32", "--log-every", "1",
                "--out-dir", str(tmp_path), *flags])
@@ -483,7 +485,8 @@ def test_short_cpu_runs_of_mmcl_and_simclr_learn_on_real_images(tmp_path):
     (["--beta", "-1"], "--beta: -1.0 is out of range"),
     (["--sigma2", "0"], "--sigma2: 0.0 is out of range"),
     (["--sigma-decay", "inf"], "--sigma-decay: inf is out of range"),
-    (["--sigma-milestones", "75;125"], "not a comma-separated list"),
+    (["--sigma-milestones", "75,125"], "--sigma-milestones: invalid int value: '75,125'"),
+    (["--sigma-milestones", "75", "-1"], "--sigma-milestones: 75 -1 is out of range (must be each >= 0)"),
     (["--pgd-steps", "0"], "--pgd-steps: 0 is out of range"),
     (["--temperature", "0"], "--temperature: 0.0 is out of range"),
     (["--batch-size", "1"], "at least 2 images"),

@@ -132,7 +132,7 @@ def test_contrastive_loss_equals_a_naive_per_query_loop():
 
 
 def test_a_querys_own_partner_in_the_dictionary_leaves_its_denominator():
-    """Masking (issue 11): a dictionary holding query 0's own partner (twice) and query 2's gives, for every query,
+    """Own-partner masking: a dictionary holding query 0's own partner (twice) and query 2's gives, for every query,
     the loss of the dictionary without those entries, computed by the naive loop; unknown ids (-1) mask nothing."""
     q, k, others = unit(4, 8, seed=1), unit(4, 8, seed=2), unit(10, 8, seed=3)
     query_ids = torch.tensor([7, 3, 9, -1])
@@ -335,7 +335,7 @@ def test_smoke(tmp_path, dataset, extra, nproc):
 @pytest.mark.parametrize("dataset", [pytest.param("avmnist", marks=needs_avmnist),  # image + audio encoders
                                      pytest.param("avfolder", marks=needs_clips)])  # video + audio encoders
 def test_gpu_settings_run_on_the_cpu(tmp_path, dataset):
-    # Issue 13: bf16 autocast and channels_last (taken by the image encoder only) run here as on a GPU.
+    # bf16 autocast and channels_last (taken by the image encoder only) run here as on a GPU.
     moco_acc.main([*(AVMNIST if dataset == "avmnist" else AVFOLDER), "--max-steps", "2", "--knn-every", "0",
                    "--bn-splits", "2", "--precision", "bf16", "--channels-last", "on", "--out-dir", str(tmp_path)])
     steps = [r for r in read_metrics(tmp_path) if "loss" in r]
@@ -404,7 +404,7 @@ def test_resume_continues_exactly_across_a_pool_refresh(tmp_path):
 @pytest.fixture(scope="module")
 def trained_avmnist(tmp_path_factory):
     """One short CPU run on avmnist (150 steps of M=32), shared by the learning and the class-coverage tests. It is
-    XMoCo (--sampling random): on avmnist active sampling learns more slowly (see the run card in moco_acc.py)."""
+    XMoCo (--sampling random): on avmnist active sampling learns more slowly (RESULTS.md, moco_acc)."""
     out = tmp_path_factory.mktemp("avmnist")
     args = ["--data-root", str(DATA), "--arch", "small", "--workers", "0", "--batch-size", "32", "--moco-k", "128",
             "--sampling", "random", "--moco-m", "0.99", "--warmup-steps", "10", "--bn-splits", "2", "--epochs", "2",
