@@ -1,14 +1,14 @@
-"""AdCo: MoCo v2 encoders trained against a bank of learnable negative adversaries (Adversarial Contrast).
+"""AdCo: MoCo v2 encoders trained against learnable negative adversaries (Adversarial Contrast).
 
 Paper: Qianjiang Hu, Xiao Wang, Wei Hu, Guo-Jun Qi, "AdCo: Adversarial Contrast for Efficient Learning of
 Unsupervised Representations from Self-Trained Negative Adversaries", CVPR 2021
 (../shared/papers/adco_adversarial_contrast.txt). MoCo's queue is replaced by K free vectors n_k, the "negative
 adversaries". The encoder minimizes the contrastive loss of Eq. (1) and the adversaries maximize it (Eq. 2): the
-gradient of Eq. (6) moves each n_k towards the queries that it is most often confused with, so the whole bank follows
-the representation as it changes, where a queue renews only its oldest B entries per step.
+gradient of Eq. (6) moves each n_k towards the queries that it is most often confused with, so all K adversaries
+follow the representation as it changes, where a queue renews only its oldest B entries per step.
 
 One training step, as implemented here (line numbers are cited in the code):
-     0  W = norm(g_k(aug(x))) for K random images x      # W: KxC, once, before step 0 (Sec. 5.1)  (initial_bank)
+     0  W = norm(g_k(aug(x))) for K random images x      # W: KxC, once, before step 0 (Sec. 5.1) (initial_adversaries)
      1  x_q, x_k = aug(x), aug(x)                         # two views of a batch             (AugmentedViews, MultiView)
      2  q = norm(g_q(x_q))                                # q: NxC                           (AdCo.forward)
      3  k = norm(g_k(x_k)).detach()                       # k: NxC, shuffle BN               (AdCo.forward)
@@ -20,36 +20,38 @@ One training step, as implemented here (line numbers are cited in the code):
         W <- W/|W| row by row                             # Sec. 5.1: unit norm after each update (--renormalize)
      8  theta_k <- m theta_k + (1 - m) theta              # MoCo's momentum update           (train_step)
 The paper calls the updates alternating; as in the official code, both players take their gradient from the same
-forward pass (lines 2-5) and step one after the other, so the bank costs one KxC gradient per step and no extra pass
-through the encoder (the paper's Table 2: 2.26 GPU-hours per epoch against MoCo v2's 2.12).
+forward pass (lines 2-5) and step one after the other, so the adversaries cost one KxC gradient per step and no extra
+pass through the encoder (the paper's Table 2: 2.26 GPU-hours per epoch against MoCo v2's 2.12).
 
 Where the paper and its public code (maple-research-lab/AdCo, ../shared/papers/README.md) differ, and what I follow:
 - Negatives. Eq. (1) contrasts q_i with its positive and the K adversaries only; the official code also uses the
   keys of the whole global batch (its own rank's other keys included) as negatives, with labels offset by the
   *local* GPU index, wrong beyond one node. I follow Eq. (1): no batch keys, so no rank offsets to get wrong.
 - Initialisation (Sec. 5.1: "output feature vectors over randomly drawn training images"). The official code fills
-  the bank with keys during a first pass in which it also trains the encoder against a random bank. I encode K
-  random training images (one augmented view each) with the untrained key encoder and train nothing.
-- The bank is stored as W: KxC and used as n = W/|W| (the official code does the same and adds weight decay on W).
-  Footnote 1 of Sec. 3.2 asks for the derivative w.r.t. the vector before normalization; autograd takes it through
-  F.normalize, i.e. (I - n n^T)/|W| applied to Eq. (6). tests/test_adco.py checks it by hand.
+  the adversaries with keys during a first pass in which it also trains the encoder against random adversaries. I
+  encode K random training images (one augmented view each) with the untrained key encoder and train nothing.
+- The adversaries are stored as W: KxC and used as n = W/|W| (the official code does the same and adds weight decay
+  on W). Footnote 1 of Sec. 3.2 asks for the derivative w.r.t. the vector before normalization; autograd takes it
+  through F.normalize, i.e. (I - n n^T)/|W| applied to Eq. (6). tests/test_adco.py checks it by hand.
 - Renormalization. Sec. 5.1: "All negative adversaries are also l2-normalized in each iteration to have a unit norm
   after they are updated by the SGD optimizer"; the official code never does it, so there |W| drifts (each step
   adds a component orthogonal to W, and the momentum keeps adding it) and the angular step, about lr |dL/dn| / |W|^2,
   shrinks as |W| grows. I follow the paper (--renormalize, the default); --no-renormalize gives the official code.
   The SGD momentum buffer is left as it is, as the sentence says nothing of it.
-- The bank's lr follows its own cosine schedule, as the paper says of both players (the official code keeps 3.0).
+- The adversaries' lr (--adv-lr) follows its own cosine schedule, as the paper says of both players (the official
+  code keeps 3.0).
 - Multi-crop (Sec. 5.2.1, five crops 224/192/160/128/96 px): as in the official code, one more full-size crop gives
-  the key and the five crops are queries; their losses (and the bank's gradients) are summed. Crop sides scale
+  the key and the five crops are queries; their losses (and the adversaries' gradients) are summed. Crop sides scale
   with the image (32 px CIFAR: 32, 27, 23, 18, 14), with the official scale ranges. Not combined with --symmetric
   (neither is the official code).
 - Symmetric loss (Appendix A, official code): each view is query once and key once, and the two losses are
-  averaged, 0.5/0.5, for both players (the official update_sym_network weighs the encoder's losses and the bank's
-  gradients by 0.5 each). MoCo's CIFAR demo, which moco_ring.py --symmetric follows, sums them instead: at the same
-  lr its step is twice ours. The appendix is not in the text I have, so the official code decides here.
+  averaged, 0.5/0.5, for both players (the official update_sym_network weighs the encoder's losses and the
+  adversaries' gradients by 0.5 each). MoCo's CIFAR demo, which moco_ring.py --symmetric follows, sums them instead:
+  at the same lr its step is twice ours. The appendix is not in the text I have, so the official code decides here.
 - Defaults for CIFAR follow MoCo's CIFAR-10 demo as moco_ring.py does (ResNet-18, 3x3 stem, SplitBN 8, batch 512,
   m 0.99, SGD lr 0.06 cosine, wd 5e-4) with K = 4096 adversaries (the demo's queue size); the AdCo-specific values
-  are the paper's ImageNet ones (t 0.12 and 0.02, bank lr 3.0, momentum 0.9, wd 1e-4), untuned for CIFAR.
+  are the paper's ImageNet ones (--moco-t 0.12, --adv-t 0.02, --adv-lr 3.0, --adv-momentum 0.9, --adv-wd 1e-4),
+  untuned for CIFAR.
 
 Run:
     python adco.py                                                 # CIFAR-10 (downloaded), ResNet-18, one device
@@ -60,41 +62,21 @@ Run:
     python adco.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 2   # CPU
     torchrun --nproc_per_node=4 adco.py --batch-size 512           # 4 GPUs (global batch 512), or 4 CPU processes
     torchrun --nproc_per_node=8 adco.py --dataset folder --data-root imagenet --image-size 224 --arch resnet50 \\
-        --bank-size 65536 --batch-size 256 --lr 0.03 --weight-decay 1e-4 --moco-m 0.999   # the paper's ImageNet run
+        --num-adversaries 65536 --batch-size 256 --lr 0.03 --weight-decay 1e-4 --moco-m 0.999 # the paper's ImageNet run
     python engine.py probe runs/adco/checkpoint.pt                 # linear probe of the saved backbone
 
-Results measured (see README.md for every command and machine), 2-core CPU shared with other jobs, no GPU, one run
-each. kNN top-1 (k 200, bank 5000 train / 2000 test images) after one epoch (156 steps) of the small CNN on the
-CIFAR-10 JPEGs at 32 px, batch 128, K 4096, every other flag at its default of the time (before --renormalize, so
-as --no-renormalize):
-    random init 33.3 | MoCo v2 (moco_ring.py --ring-lower 0 --ring-upper 100) 35.5 | AdCo 37.0 | --symmetric 39.0 |
-    --multi-crop 30.0 (32.6 at --lr 0.012) | --adv-loss J 28.7 (31.6 at --mem-lr 0.04)
-    python adco.py --dataset folder --data-root ../shared/data/cifar10-jpg --arch small --workers 0 --batch-size 128
-        --epochs 1 --knn-every 0 --knn-bank-size 5000 --knn-test-size 2000 --no-renormalize [--symmetric | ...]
-The adversaries track the queries: a query's similarity to its nearest adversary averages 0.90-0.93 from step 30
-on. Renormalization (Sec. 5.1), first 80 steps of the same epoch, one run each: without it the mean |W| goes
-1.00 -> 1.25 (step 36) -> 1.18 and the nearest-adversary similarity averages 0.908 over steps 41-80; with it |W|
-stays 1 and the similarity averages 0.949; kNN top-1 at step 80: 34.70 without, 34.65 with (figures/adco_curves.png):
-    python adco.py ...the command above... --max-steps 80 [--no-renormalize]
-With J at --mem-lr 3.0 they overshoot (|W| grows to 34) and lose the queries (nearest similarity 0.2-0.35), as
-J's gradient is not divided by N t. Multi-crop did not help at this scale (crops of 14-27 px, one epoch).
-Step throughput at batch 256 (python benchmark.py adco --steps 30, small CNN, variants interleaved): MoCo v2 325
-images/s, AdCo 324 (x0.998) with 1 CPU thread; x0.85-0.90 in three runs with 2 threads on the loaded machine.
-Not yet measured: GPU throughput (the issue's goal: at most 5% slower than MoCo v2), ResNet-18 runs of the paper's
-length, ImageNet.
+Results (what reproduces at CPU scale, what needs a GPU, with commands, commits and machines): RESULTS.md.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import engine
@@ -126,7 +108,7 @@ def adversary_j(q: torch.Tensor, negatives: torch.Tensor, temperature: float) ->
     J = -t sum_k log( 1 / sum_i e^{q_i.n_k/t} ) = t sum_k logsumexp_i(q_i.n_k/t), so that
     dJ/dn_k = sum_i p(q_i|n_k) q_i (Eq. 7): each adversary moves to the mean of the queries it is closest to.
     q: NxC (normalized), negatives: KxC (normalized here). Each adversary's weights p(q_i|n_k) sum to one and are
-    not divided by N*t, so at the same --mem-lr its steps are far longer than Eq. (6)'s. The paper found J worse
+    not divided by N*t, so at the same --adv-lr its steps are far longer than Eq. (6)'s. The paper found J worse
     than L (Sec. 4.2) and gives no settings for it.
     """
     n = F.normalize(negatives, dim=1)  # n: KxC
@@ -134,25 +116,12 @@ def adversary_j(q: torch.Tensor, negatives: torch.Tensor, temperature: float) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config: every field is a flag (`mem_lr` -> `--mem-lr`); help and default live here only
+# Config: every field is a flag (`adv_lr` -> `--adv-lr`); help and default live here only
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Config:
-    # data
-    dataset: str = option("cifar10", "pretraining data ('folder': ImageFolder root/train, root/test)",
-                          choices=common.IMAGE_DATASETS)
-    data_root: str = option("./data", "dataset folder (torchvision downloads into it)")
-    image_size: int = option(0, "crop side in pixels; 0: the dataset's own (32 CIFAR, 96 STL-10)", check=NON_NEGATIVE)
-    workers: int = option(4, "data loader processes per training process", check=NON_NEGATIVE)
-    augment: str = option("device", "where the views are made: 'device' decodes the images once into memory and "
-                                    "augments each batch on the training device (falls back to cpu when they do "
-                                    "not fit in a quarter of it); 'cpu' PIL in the loader processes",
-                          choices=engine.AUGMENT_CHOICES)
+class Config(engine.ImageRunConfig):
+    """AdCo's options; the data, run and kNN options every image script shares are in engine.ImageRunConfig."""
     # encoder
-    arch: str = option("resnet18", "backbone ('small': a 4-layer CNN for CPU runs)",
-                       choices=("resnet18", "resnet50", "small"))
-    stem: str = option("auto", "ResNet stem: 'cifar' 3x3 conv without max-pool; auto: cifar below 100 px",
-                       choices=("auto", "cifar", "imagenet"))
     dim: int = option(128, "feature dimension C of the contrastive space", check=at_least(1))
     mlp: bool = option(True, "MoCo v2 MLP projection head (--no-mlp: MoCo v1 linear head)")
     bn_splits: int = option(8, "BatchNorm groups on one device (SplitBatchNorm imitates that many GPUs); "
@@ -165,11 +134,12 @@ class Config:
     symmetric: bool = option(False, "symmetric loss (Appendix A): each view is query once and key once, the two "
                                     "losses averaged 0.5/0.5 as in the official code (MoCo's demo sums them)")
     # AdCo: the negative adversaries (Sec. 3.2, 5.1)
-    bank_size: int = option(4096, "number K of negative adversaries (the paper: 65536 on ImageNet)", check=at_least(1))
-    mem_t: float = option(0.02, "temperature t of the adversaries' objective (Sec. 5.1)", check=POSITIVE)
-    mem_lr: float = option(3.0, "SGD learning rate of the adversaries (cosine decay to 0)", check=NON_NEGATIVE)
-    mem_momentum: float = option(0.9, "SGD momentum of the adversaries", check=between(0, 1))
-    mem_wd: float = option(1e-4, "weight decay of the (unnormalized) adversaries", check=NON_NEGATIVE)
+    num_adversaries: int = option(4096, "number K of negative adversaries (the paper: 65536 on ImageNet)",
+                                  check=at_least(1))
+    adv_t: float = option(0.02, "temperature t of the adversaries' objective (Sec. 5.1)", check=POSITIVE)
+    adv_lr: float = option(3.0, "SGD learning rate of the adversaries (cosine decay to 0)", check=NON_NEGATIVE)
+    adv_momentum: float = option(0.9, "SGD momentum of the adversaries", check=between(0, 1))
+    adv_wd: float = option(1e-4, "weight decay of the (unnormalized) adversaries", check=NON_NEGATIVE)
     # On by default: the paper (Sec. 5.1) says so; off is the official code, where |W| drifts (1.00 -> 1.25 in 40
     # CPU steps) and the adversaries' angular step shrinks with it.
     renormalize: bool = option(True, "l2-normalize every adversary after each of its SGD steps (Sec. 5.1); "
@@ -183,26 +153,6 @@ class Config:
     lr: float = option(0.06, "SGD learning rate of the encoder (cosine decay to 0)", check=NON_NEGATIVE)
     momentum: float = option(0.9, "SGD momentum", check=between(0, 1))
     weight_decay: float = option(5e-4, "SGD weight decay", check=NON_NEGATIVE)
-    # run
-    seed: int = option(0, "random seed (model init, bank images, data order, augmentations)", check=NON_NEGATIVE)
-    precision: str = option("auto", "autocast of the encoders: 'bf16' or 'fp32' (losses stay fp32); auto: bf16 "
-                                    "on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
-    channels_last: str = option("auto", "channels_last memory format for images and encoders; auto: on a GPU",
-                                choices=common.CHANNELS_LAST_CHOICES)
-    out_dir: str = option("runs/adco", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
-                             "run its --out-dir holds")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs); the schedules keep --epochs",
-                            check=NON_NEGATIVE)
-    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
-                                "checked for NaN, only then)", check=at_least(1))
-    knn_every: int = option(5, "epochs between kNN evaluations (0: only at the end)", check=NON_NEGATIVE)
-    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
-                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
-    knn_k: int = option(200, "neighbours of the kNN monitor", check=at_least(1))
-    knn_t: float = option(0.1, "temperature of the kNN monitor's vote weights", check=POSITIVE)
-    knn_bank_size: int = option(0, "training images in the kNN bank, evenly spaced (0: all)", check=NON_NEGATIVE)
-    knn_test_size: int = option(0, "test images the kNN monitor classifies, evenly spaced (0: all)", check=NON_NEGATIVE)
 
 
 # Sec. 5.2.1's five crops, 224/192/160/128/96 px on ImageNet, as fractions of the image side, with the official
@@ -234,7 +184,7 @@ class AdCo(nn.Module):
         self.encoder_q = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)  # g_k starts as g_q
         # W: KxC. Random until main() writes encoded images into it (line 0); stored unnormalized, used normalized.
-        self.bank = nn.Parameter(F.normalize(torch.randn(cfg.bank_size, cfg.dim), dim=1))
+        self.adversaries = nn.Parameter(F.normalize(torch.randn(cfg.num_adversaries, cfg.dim), dim=1))
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.encoder_q(x).float(), dim=1)  # q: NxC, line 2
@@ -246,7 +196,7 @@ class AdCo(nn.Module):
         """views: [x1, x2], or [key crop, five query crops] with multi-crop; NxCxHxW each.
 
         Returns the encoder's loss (Eq. 1 at moco_t, the adversaries held fixed), the adversaries' objective
-        (Eq. 1 at mem_t, or J, the queries held fixed) and the first view's queries (NxC, detached, for logging).
+        (Eq. 1 at adv_t, or J, the queries held fixed) and the first view's queries (NxC, detached, for logging).
         """
         cfg = self.cfg
         if cfg.multi_crop:
@@ -259,20 +209,20 @@ class AdCo(nn.Module):
                 pairs, weight = pairs + [(self.query(x2), self.key(x1))], 0.5
         with torch.autocast(views[0].device.type, enabled=False):  # fp32: t = 0.02 puts logits up to 50
             # Eq. (2), one side detached in each term: the loss reaches only theta, the objective only W.
-            loss = sum(weight * adco_loss(q, k, self.bank.detach(), cfg.moco_t) for q, k in pairs)
+            loss = sum(weight * adco_loss(q, k, self.adversaries.detach(), cfg.moco_t) for q, k in pairs)
             if cfg.adv_loss == "ce":
-                objective = sum(weight * adco_loss(q.detach(), k, self.bank, cfg.mem_t) for q, k in pairs)
+                objective = sum(weight * adco_loss(q.detach(), k, self.adversaries, cfg.adv_t) for q, k in pairs)
             else:
                 # J's logsumexp runs over the queries, so it needs the global batch: every rank then computes the
                 # same gradient, and averaging it over ranks gives J of the global batch as one process would.
-                objective = sum(weight * adversary_j(common.concat_all_gather(q.detach()), self.bank, cfg.mem_t)
+                objective = sum(weight * adversary_j(common.concat_all_gather(q.detach()), self.adversaries, cfg.adv_t)
                                 for q, _ in pairs)
         return loss, objective, pairs[0][0].detach()
 
 
 @torch.no_grad()
-def initial_bank(encoder_k: nn.Module, dataset, transform, size: int, global_batch: int, workers: int,
-                 device: torch.device, seed: int, precision: str = "auto") -> torch.Tensor:
+def initial_adversaries(encoder_k: nn.Module, dataset, transform, size: int, global_batch: int, workers: int,
+                        device: torch.device, seed: int, precision: str = "auto") -> torch.Tensor:
     """Line 0 (Sec. 5.1): the adversaries start as the untrained key encoder's outputs on `size` random training
     images, one augmented view each. Returns n: KxC, normalized, the same on every rank and for any number of ranks.
 
@@ -305,14 +255,14 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bank_rank_difference(bank: torch.Tensor) -> float:
+def adversaries_rank_gap(adversaries: torch.Tensor) -> float:
     """Largest |W - W of rank 0| over ranks: 0.0 when the adversaries are identical everywhere, as they must be
     (same start, same all-reduced gradient, same SGD step). Checked at every evaluation; 0.0 alone."""
     if common.world_size() == 1:
         return 0.0
-    reference = bank.detach().clone()
+    reference = adversaries.detach().clone()
     dist.broadcast(reference, src=0)
-    return all_reduce_max((bank.detach() - reference).abs().max()).item()
+    return all_reduce_max((adversaries.detach() - reference).abs().max()).item()
 
 
 def make_optimizers(model: AdCo) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -322,52 +272,48 @@ def make_optimizers(model: AdCo) -> tuple[torch.optim.Optimizer, torch.optim.Opt
     cfg = model.cfg
     return (torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay),
-            torch.optim.SGD([model.bank], lr=cfg.mem_lr, momentum=cfg.mem_momentum, weight_decay=cfg.mem_wd,
+            torch.optim.SGD([model.adversaries], lr=cfg.adv_lr, momentum=cfg.adv_momentum, weight_decay=cfg.adv_wd,
                             maximize=True))
 
 
 def train_step(model: AdCo, ddp_model: nn.Module, optimizer: torch.optim.Optimizer,
-               bank_optimizer: torch.optim.Optimizer, views: list[torch.Tensor], step: int,
+               adversary_optimizer: torch.optim.Optimizer, views: list[torch.Tensor], step: int,
                total_steps: int) -> dict:
     """One step of both players (lines 1-8) at a global step; returns what gets logged, as device tensors where
     they come from the step (read on the host only at log steps)."""
     cfg = model.cfg
     lr = common.cosine_lr(step, total_steps, cfg.lr)
-    mem_lr = common.cosine_lr(step, total_steps, cfg.mem_lr)  # the adversaries' own schedule
+    adv_lr = common.cosine_lr(step, total_steps, cfg.adv_lr)  # the adversaries' own schedule
     for group in optimizer.param_groups:
         group["lr"] = lr
-    for group in bank_optimizer.param_groups:
-        group["lr"] = mem_lr
+    for group in adversary_optimizer.param_groups:
+        group["lr"] = adv_lr
     with common.autocast(views[0].device, cfg.precision):
         loss, objective, q = ddp_model(views)  # lines 1-5
     with torch.no_grad():  # "tracking" (Sec. 3.3): how close each new query is to its nearest adversary
-        nearest = (q @ F.normalize(model.bank, dim=1).T).max(dim=1).values  # nearest: N
+        nearest = (q @ F.normalize(model.adversaries, dim=1).T).max(dim=1).values  # nearest: N
     optimizer.zero_grad(set_to_none=True)
-    bank_optimizer.zero_grad(set_to_none=True)
+    adversary_optimizer.zero_grad(set_to_none=True)
     # The two graphs share no leaf (the loss sees W detached, the objective sees q detached), so one backward gives
     # each player its own gradient, and DDP averages both over the ranks in the same all-reduce (line 7's average).
     (loss + objective).backward()
     optimizer.step()  # line 6: descent
-    bank_optimizer.step()  # line 7: ascent (maximize=True), weight decay still shrinks W
+    adversary_optimizer.step()  # line 7: ascent (maximize=True), weight decay still shrinks W
     if cfg.renormalize:  # Sec. 5.1: back to unit norm, so |W| cannot grow and shorten the next angular step
         with torch.no_grad():
-            model.bank.copy_(F.normalize(model.bank, dim=1))
+            model.adversaries.copy_(F.normalize(model.adversaries, dim=1))
     common.momentum_update(model.encoder_k, model.encoder_q, cfg.moco_m)  # line 8
     return {"loss": common.all_reduce_mean(loss.detach()), "adv_loss": common.all_reduce_mean(objective.detach()),
             "nearest_sim_mean": common.all_reduce_mean(nearest.mean()),
-            "nearest_sim_max": all_reduce_max(nearest.max()), "bank_norm": model.bank.detach().norm(dim=1).mean(), "lr": lr, "mem_lr": mem_lr}
+            "nearest_sim_max": all_reduce_max(nearest.max()),
+            "adversary_norm": model.adversaries.detach().norm(dim=1).mean(), "lr": lr, "adv_lr": adv_lr}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training loop (the same skeleton in every method script)
 # ---------------------------------------------------------------------------------------------------------------------
 def check_config(cfg: Config, num_images: int) -> None:
-    if cfg.batch_size % common.world_size():
-        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
-    if cfg.batch_size > num_images:
-        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_images} images)")
-    if common.world_size() == 1 and cfg.batch_size % cfg.bn_splits:
-        common.fail(f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}")
+    engine.check_batch_size(cfg.batch_size, num_images, cfg.bn_splits)
     if cfg.symmetric and cfg.multi_crop:
         common.fail("--symmetric and --multi-crop cannot be combined (nor can they in the official code)")
     if cfg.multi_crop and round(MULTI_CROPS[-1][0] * cfg.image_size) < 8:
@@ -376,89 +322,43 @@ def check_config(cfg: Config, num_images: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = engine.parse_config(Config, argv, __doc__)
-    device = engine.init_distributed()
+    run = engine.Run(cfg)
     data = common.load_image_data(cfg.dataset, cfg.data_root, cfg.image_size)
-    cfg.image_size = data.image_size
+    cfg.settle(data)  # first: check_config measures the multi-crop sides against the resolved crop side
     check_config(cfg, len(data.pretrain))
-    cfg.stem = cfg.stem if cfg.stem != "auto" else ("cifar" if data.image_size < 100 else "imagenet")
-    config = dataclasses.asdict(cfg)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial encoders
-    model = AdCo(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1).to(device)
-    channels_last = common.channels_last(cfg.channels_last, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, bank_optimizer = make_optimizers(model)
-    step = 0
-    if cfg.resume:
-        state = engine.load_checkpoint(cfg.resume, "adco", config)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizers"]["encoder"])
-        bank_optimizer.load_state_dict(state["optimizers"]["bank"])
-        engine.set_rng_state(state["rng"])
-        step = state["step"]
-    # broadcast_buffers=False: no buffer needs it (the key encoder's BN statistics are never used in training).
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-                 if common.world_size() > 1 else model)
-    run = engine.RunDir(cfg.out_dir, config, "adco", resuming=bool(cfg.resume), step=step)
+    model = run.place(AdCo(cfg, bn_splits=cfg.bn_splits if common.world_size() == 1 else 1))
+    optimizer, adversary_optimizer = make_optimizers(model)
+    run.start(model, {"encoder": optimizer, "adversaries": adversary_optimizer}, model.encoder_q.backbone)
+    ddp_model = run.distributed(model)
 
     augment = common.pretrain_transform(data.image_size, data.mean, data.std)
-    if not cfg.resume:  # line 0, from a private generator: the global RNG stays as a resumed run would find it
-        model.bank.data.copy_(initial_bank(model.encoder_k, data.pretrain, augment, cfg.bank_size, cfg.batch_size,
-                                           cfg.workers, device, cfg.seed, cfg.precision))
+    if not run.resumed:  # line 0, from a private generator: the global RNG stays as a resumed run would find it
+        model.adversaries.data.copy_(initial_adversaries(model.encoder_k, data.pretrain, augment, cfg.num_adversaries,
+                                                         cfg.batch_size, cfg.workers, run.device, cfg.seed,
+                                                         cfg.precision))
     sampler = common.EpochSampler(len(data.pretrain), cfg.batch_size, cfg.seed)
     if cfg.multi_crop:  # six crops of five sizes and their own scale ranges: the PIL path makes them
         if cfg.augment == "device" and common.is_main():
             print("note: --multi-crop makes its crops with PIL in the loader processes (--augment cpu)")
-        loader = common.make_loader(common.AugmentedViews(data.pretrain, multi_crop_views(data.image_size, data.mean,
-                                                                                          data.std)),
-                                    cfg.batch_size // common.world_size(), cfg.workers, device, sampler,
-                                    persistent=True)
+        crops = multi_crop_views(data.image_size, data.mean, data.std)
+        loader = common.make_loader(common.AugmentedViews(data.pretrain, crops), cfg.batch_size // common.world_size(),
+                                    cfg.workers, run.device, sampler, persistent=True)
     else:
         loader = engine.pretrain_batches(data, cfg.augment, sampler, 2, cfg.batch_size // common.world_size(),
-                                         cfg.workers, device)
-    evaluate = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
-                                 device)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+                                         cfg.workers, run.device)
+    knn = common.KnnMonitor(data, cfg.knn_bank_size, cfg.knn_test_size, cfg.knn_k, cfg.knn_t, cfg.workers,
+                            run.device)
 
-    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
-    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
-    while step < last_step:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        tic, images = time.perf_counter(), 0
-        for views, _ in loader:
-            stats = train_step(model, ddp_model, optimizer, bank_optimizer,
-                               common.to_device(views, device, channels_last), step, total_steps)
-            step += 1
-            metrics.add(step, stats)
-            images += cfg.batch_size
-            progress.update()
-            if step % cfg.log_every == 0 or step == last_step:
-                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
-                progress.set_postfix(loss=f"{stats['loss']:.3f}", adv=f"{stats['adv_loss']:.3f}",
-                                     near=f"{stats['nearest_sim_mean']:.2f}")
-                run.log({"step": step, "epoch": epoch, **stats, "images_per_s": images / (time.perf_counter() - tic)})
-                tic, images = time.perf_counter(), 0
-            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
-                break
-        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
-        epoch_done = step % steps_per_epoch == 0
-        engine.average_bn_statistics(model)
-        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            top1 = evaluate(model.encoder_q.backbone)
-            spread = bank_rank_difference(model.bank)
-            if common.is_main():
-                run.log({"step": step, "epoch": epoch, "knn_top1": top1, "bank_rank_diff": spread})
-                progress.write(f"epoch {epoch} step {step}: kNN top-1 {top1:.2f}%")
-        engine.save_checkpoint(run.checkpoint_path, "adco", config, step, model,
-                               {"encoder": optimizer, "bank": bank_optimizer}, model.encoder_q.backbone)
-        timer.saved()
-        timer.stop_if_signalled(step, run.checkpoint_path)
-    progress.close()
-    timer.close()
+    def evaluate() -> dict:  # the rank gap stays 0.0 while every rank holds the same adversaries, as it must
+        return {"knn_top1": knn(model.encoder_q.backbone),
+                "adversaries_rank_gap": adversaries_rank_gap(model.adversaries)}
+
+    total_steps = cfg.epochs * sampler.batches_per_epoch
+    for step, (views, _) in run.steps(loader, sampler, evaluate, show=("adv_loss", "nearest_sim_mean")):
+        run.log(train_step(model, ddp_model, optimizer, adversary_optimizer, run.to_device(views), step,
+                           total_steps))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python benchmark.py ring                 # MoCoRing vs MoCo v2 (+ bare encoder fwd+bwd on a GPU)
     python benchmark.py ring --arch resnet18 --batch-size 256 --steps 50
-    python benchmark.py data                 # the data path: PIL vs device augmentation, end to end (issue 13)
-    python benchmark.py gpu                  # every GPU figure of issue 13 in one run (--smoke: CPU, seconds)
+    python benchmark.py data                 # the data path: PIL vs device augmentation, end to end
+    python benchmark.py gpu                  # every GPU figure in one run (--smoke: CPU, seconds)
 
 Synthetic fixed batch (no data loading), warm-up steps first, then the median of several timed windows; prints
 images/s per variant and the ratio to the baseline. A measurement, never an assertion: the figures quoted in
@@ -114,14 +114,14 @@ def bench_adco(args, device) -> list[dict]:
                                                bn_splits=8), bn_splits=8).to(device)
     moco_opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
     common.seed_everything(0)
-    model = adco.AdCo(adco.Config(arch=args.arch, stem="cifar", bank_size=args.queue, batch_size=args.batch_size,
+    model = adco.AdCo(adco.Config(arch=args.arch, stem="cifar", num_adversaries=args.queue, batch_size=args.batch_size,
                                   bn_splits=8), bn_splits=8).to(device)
-    opt, bank_opt = adco.make_optimizers(model)
+    opt, adv_opt = adco.make_optimizers(model)
     if device.type == "cuda":
         moco, model = moco.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
     rates = time_interleaved({
         "MoCo v2 (moco_ring, ring 0-100)": lambda i: moco_ring.train_step(moco, moco, moco_opt, views, i, 100, 10_000),
-        "AdCo (encoder + adversaries)": lambda i: adco.train_step(model, model, opt, bank_opt, views, i, 10_000),
+        "AdCo (encoder + adversaries)": lambda i: adco.train_step(model, model, opt, adv_opt, views, i, 10_000),
     }, args.batch_size, device, args.steps)
     rows = [{"variant": name, "images_per_s": rate} for name, rate in rates.items()]
     if device.type == "cuda":
@@ -180,7 +180,7 @@ def bench_acc(args, device) -> list[dict]:
 
 def print_pgd_stopping(args, views: list[torch.Tensor], anchors: int = 16) -> None:
     """How far above the exact optimum g* of the SVM dual each PGD stopping rule and step stop, and after how many
-    iterations (issue 12), for the first `anchors` anchors of one batch of N = --batch-size images: n = 2N-2
+    iterations, for the first `anchors` anchors of one batch of N = --batch-size images: n = 2N-2
     negatives, RBF kernel at the default sigma^2 25, C 100, beta 0.1, Delta in float32 and PGD from relu(Gaussian)
     as in training (every anchor of the batch is solved: the public code's rule averages over all of them), g* from
     mmcl.svm_dual_exact in float64. Two feature sets: the untrained encoder's on the benchmark batch (crowded, as
@@ -275,7 +275,7 @@ def bench_mmcl(args, device) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The data path (issue 13): `python benchmark.py data` and the prepared GPU suite `python benchmark.py gpu`
+# The data path: `python benchmark.py data` and the prepared GPU suite `python benchmark.py gpu`
 # ---------------------------------------------------------------------------------------------------------------------
 CIFAR_JPG = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10-jpg"
 
@@ -352,7 +352,7 @@ def augment_ms_per_image(data: common.ImageData, images: int, windows: int) -> d
 
 
 def seeding_us_per_sample(calls: int = 2000) -> dict[str, float]:
-    """Issue 17: what seeding one sample costs in a loader worker, before (torch.random.fork_rng + manual_seed, which
+    """What seeding one sample costs in a loader worker, before (torch.random.fork_rng + manual_seed, which
     also queues lazy seeding of every accelerator backend and formats a stack trace) and after (common.seeded_cpu_rng,
     the CPU generator alone). Microseconds per call, this thread's CPU time, best of 5 rounds."""
     def forked(seed):
@@ -395,7 +395,7 @@ def machine(device: torch.device) -> str:
 
 def data_main(argv: list[str]) -> None:
     parser = engine.OneLineErrorParser(
-        description="The data path (issue 13): augmentation ms/image of the PIL and the device path on one thread, "
+        description="The data path: augmentation ms/image of the PIL and the device path on one thread, "
                     "and training images/s with each path beside the step alone (MoCo v2, moco_ring's model)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", default="small", choices=("small", "resnet18"), help="backbone of the step")
@@ -422,7 +422,7 @@ def data_main(argv: list[str]) -> None:
         print(f"  {path:<7} {t['wall']:8.4f} | {t['cpu_time']:8.4f}")
     print(f"  device path {augment['cpu']['cpu_time'] / augment['device']['cpu_time']:.1f}x faster (CPU time)")
     seeding = seeding_us_per_sample()
-    print(f"per-sample seeding in the PIL path (issue 17, us per sample, CPU time): torch.random.fork_rng + "
+    print(f"per-sample seeding in the PIL path (us per sample, CPU time): torch.random.fork_rng + "
           f"manual_seed {seeding['fork_rng']:.1f}, common.seeded_cpu_rng {seeding['seeded_cpu_rng']:.1f}")
     batches, decode_s = data_loaders(data, args.batch_size, args.workers, device)
     step = moco_v2_step(args.arch, args.batch_size, args.queue, device)
@@ -464,11 +464,11 @@ def torchrun_smoke(args, out_dir: Path) -> dict:
 
 
 def gpu_main(argv: list[str]) -> None:
-    """Every GPU figure of issue 13 item 6 in one run (under 8 minutes on one GPU), written to one JSON."""
+    """Every GPU figure in one run (under 8 minutes on one GPU), written to one JSON."""
     import tempfile
 
     parser = engine.OneLineErrorParser(
-        description="The prepared GPU suite (issue 13): step ratios Ring/MoCo, AdCo/MoCo, MMCL-INV/SimCLR, CM-ACC "
+        description="The prepared GPU suite: step ratios Ring/MoCo, AdCo/MoCo, MMCL-INV/SimCLR, CM-ACC "
                     "active/random; MoCo v2 end to end with both data paths against the bare encoder; peak memory; "
                     "a one-epoch torchrun smoke. --smoke: tiny sizes on any device, in seconds (CI)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -520,7 +520,7 @@ def gpu_main(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One protocol, every method (issue 16): `python benchmark.py accuracy`
+# One protocol, every method: `python benchmark.py accuracy`
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -542,7 +542,7 @@ ACCURACY_METHODS = (
 BASELINES = ("MoCo v2", "SimCLR")  # every method's difference to these is printed with its standard error
 # Defaults given in epochs for the script's default run length (its --epochs default): the protocol moves each to
 # the same fraction of its own, shorter run (scaled_defaults). Every other schedule in the scripts is a function of
-# the fraction of the run done (cosine lr) or has no schedule (MMCL's constant Adam lr, AdCo's bank).
+# the fraction of the run done (cosine lr) or has no schedule (MMCL's constant Adam lr, AdCo's adversaries).
 EPOCH_COUNTED = {"moco_ring": ("anneal_epochs",), "mmcl": ("sigma_milestones",), "adco": ()}
 
 
@@ -578,7 +578,7 @@ ACCURACY_PRESETS = {
     "quick": AccuracyPreset("synthetic", "", "small", 32, 1, 1, 0, max_steps=2, image_size=16, eval_bank_size=256,
                             eval_test_size=128, probe_epochs=5,
                             monitor=("--knn-every", "0", "--knn-bank-size", "64", "--knn-test-size", "32"),
-                            augment="cpu", sizes={"adco": ("--bank-size", "64")},  # no decode of all 4096 images
+                            augment="cpu", sizes={"adco": ("--num-adversaries", "64")},  # no decode of all 4096 images
                             note="plumbing only: 2 steps of batch 32 on synthetic 16 px images, tiny evaluation"),
     # One GPU: ResNet-18 on CIFAR-10 (downloaded into --data-root), the scripts' defaults for 200 epochs.
     "gpu": AccuracyPreset("cifar10", "./data", "resnet18", 256, 200, 3, 4,
@@ -602,8 +602,8 @@ def scaled_defaults(script: str, epochs: int) -> dict[str, dict]:
     scaled = {}
     for name in EPOCH_COUNTED[script]:
         default = fields[name]
-        if isinstance(default, str):  # a comma-separated list of epochs (mmcl's --sigma-milestones)
-            value = ",".join(str(scale_epochs(int(e), fields["epochs"], epochs)) for e in default.split(","))
+        if isinstance(default, tuple):  # a list of epochs (mmcl's --sigma-milestones)
+            value = tuple(scale_epochs(e, fields["epochs"], epochs) for e in default)
         else:
             value = scale_epochs(default, fields["epochs"], epochs)
         scaled["--" + name.replace("_", "-")] = {"default": default, "of": fields["epochs"], "value": value}
@@ -628,7 +628,8 @@ def training_command(method: Method, preset: AccuracyPreset, data_root: str, see
     if preset.max_steps:
         flags += ["--max-steps", str(preset.max_steps)]
     for flag, scaled in scaled_defaults(method.script, preset.epochs).items():
-        flags += [flag, str(scaled["value"])]
+        value = scaled["value"]
+        flags += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
     return [sys.executable, str(script), *flags, "--out-dir", str(run_dir)]
 
 
@@ -849,7 +850,7 @@ def save_accuracy_plot(results: list[dict], path: str, title: str) -> None:
 
 def accuracy_main(argv: list[str]) -> None:
     parser = engine.OneLineErrorParser(
-        description="Issue 16: pretrain every method under one protocol (same data, encoder, augmentation, batch "
+        description="Pretrain every method under one protocol (same data, encoder, augmentation, batch "
                     "and number of images seen; each method's hyper-parameters at the script's defaults, epoch "
                     "counts scaled to the run) and evaluate each backbone alike (kNN k 200 t 0.1 and the linear "
                     "probe on the whole train / test splits). Re-running continues: finished (method, seed) pairs "

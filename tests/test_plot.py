@@ -17,7 +17,7 @@ TINY = ["--dataset", "synthetic", "--arch", "small", "--workers", "0", "--batch-
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     moco_ring.main([*TINY, "--moco-k", "48", "--out-dir", str(root / "moco_ring")])
-    adco.main([*TINY, "--bank-size", "48", "--out-dir", str(root / "adco")])
+    adco.main([*TINY, "--num-adversaries", "48", "--out-dir", str(root / "adco")])
     return root / "moco_ring", root / "adco"
 
 
@@ -67,3 +67,23 @@ def test_plot_only_draws_the_quantities_asked_for(two_runs, tmp_path):
     result = run_script("engine.py", "plot", str(two_runs[0]), "--only", "no_such_thing", "--out", str(out),
                         check=False)
     assert result.returncode == 1 and result.stderr.startswith("error: no run logged no_such_thing")
+
+
+def test_legend_labels_name_the_script_and_the_settings_that_differ(tmp_path):
+    for name, config in (("a", {"ring_lower": 0.0, "moco_t": 0.1, "out_dir": "a"}),
+                         ("b", {"ring_lower": 90.0, "moco_t": 0.1, "out_dir": "b"}),
+                         ("c", {"adv_t": 0.02, "out_dir": "c"})):
+        (tmp_path / name).mkdir()
+        script = "adco" if name == "c" else "moco_ring"
+        (tmp_path / name / "config.json").write_text(json.dumps({"script": script, "config": config}))
+    labels = engine.run_labels([str(tmp_path / n) for n in "abc"])
+    assert labels == ["moco_ring ring_lower=0.0", "moco_ring ring_lower=90.0", "adco"]
+
+
+def test_plot_takes_labels_and_counts_them(two_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "labelled.png"
+    run_script("engine.py", "plot", *map(str, two_runs), "--labels", "MoCoRing", "AdCo", "--out", str(out))
+    assert out.exists()
+    result = run_script("engine.py", "plot", *map(str, two_runs), "--labels", "one", "--out", str(out), check=False)
+    assert result.returncode == 2 and "1 labels for 2 runs" in result.stderr

@@ -115,7 +115,8 @@ SCRIPT_NONSENSE = {
     "moco_acc": [(["--moco-k", "-5"], "--moco-k: -5 is out of range"),
                  (["--warmup-steps", "-5"], "--warmup-steps: -5 is out of range")],
     "moco_taxonomy": [(["--moco-k", "0"], "--moco-k: 0 is out of range")],
-    "adco": [(["--bank-size", "0"], "--bank-size: 0 is out of range"), (["--mem-t", "-1"], "--mem-t: -1.0 is out"),
+    "adco": [(["--num-adversaries", "0"], "--num-adversaries: 0 is out of range"),
+             (["--adv-t", "-1"], "--adv-t: -1.0 is out"),
              (["--image-size", "-4"], "--image-size: -4")],
     "mmcl": [(["--C", "-1"], "--C: -1.0 is out of range"), (["--temperature", "0"], "--temperature: 0.0 is out"),
              (["--pgd-steps", "0"], "--pgd-steps: 0 is out of range")],
@@ -158,7 +159,7 @@ def test_a_zero_byte_or_foreign_checkpoint_gets_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: .*empty.pt is not a checkpoint of this project"):
         moco_taxonomy.main([*TAXONOMY[1:], "--resume", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "r")])
     moco_taxonomy.main([*TAXONOMY[1:], "--max-steps", "1", "--out-dir", str(tmp_path / "t")])
-    with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py, whose backbone is not an image encoder"):
+    with pytest.raises(SystemExit, match=r"^error: .* was written by moco_taxonomy.py, whose backbone is not an im"):
         engine.probe_main([str(tmp_path / "t" / "checkpoint.pt")])
 
 
