@@ -181,7 +181,7 @@ class AdCo(nn.Module):
     def __init__(self, cfg: Config, bn_splits: int):
         super().__init__()
         self.cfg = cfg
-        self.encoder_q = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
+        self.encoder_q = common.Encoder(common.build_backbone(cfg.arch, cfg.stem, bn_splits), cfg.dim, cfg.mlp)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)  # g_k starts as g_q
         # W: KxC. Random until main() writes encoded images into it (line 0); stored unnormalized, used normalized.
         self.adversaries = nn.Parameter(F.normalize(torch.randn(cfg.num_adversaries, cfg.dim), dim=1))

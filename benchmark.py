@@ -67,7 +67,7 @@ def synthetic_views(batch_size: int, image_size: int, device: torch.device, n_vi
 def bare_encoder_rate(arch: str, stem: str, views: list[torch.Tensor], steps: int) -> float:
     """Ceiling on a GPU: forward+backward+SGD of one encoder on both views, nothing else (images/s)."""
     device = views[0].device
-    encoder = common.Encoder(arch, stem, 128, True).to(device, memory_format=torch.channels_last)
+    encoder = common.Encoder(common.build_backbone(arch, stem), 128, True).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(encoder.parameters(), lr=0.01, momentum=0.9)
 
     def step(_):

@@ -194,12 +194,13 @@ def projection_head(in_dim: int, out_dim: int, mlp: bool = True) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """backbone (what is evaluated and exported) + projection head (what the contrastive loss sees)."""
+    """backbone (what is evaluated and exported) + projection head (what the contrastive loss sees); the backbone is
+    an image network (`build_backbone`) or, in moco_acc.py, one per modality (`build_modality_backbone`)."""
 
-    def __init__(self, arch: str, stem: str, dim: int, mlp: bool, bn_splits: int = 1):
+    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
         super().__init__()
-        self.backbone = build_backbone(arch, stem, bn_splits)
-        self.head = projection_head(self.backbone.out_dim, dim, mlp)
+        self.backbone = backbone
+        self.head = projection_head(backbone.out_dim, dim, mlp)
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -642,18 +643,6 @@ def build_modality_backbone(kind: str, arch: str, in_channels: int, bn_splits: i
     else:
         net = small_cnn(nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d(1), in_channels)
     return split_batchnorm(net, bn_splits)
-
-
-class Branch(nn.Module):
-    """backbone (what is evaluated and exported) + projection head."""
-
-    def __init__(self, backbone: nn.Module, dim: int, mlp: bool):
-        super().__init__()
-        self.backbone = backbone
-        self.head = projection_head(backbone.out_dim, dim, mlp)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
         check = field.metadata.get("check")
         if check is not None:
             help = f"{help} ({check.rule})"
+        if field.default == "":  # derived when empty (--out-dir): the help says from what, argparse adds nothing
+            help += "%(default)s"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
         elif get_origin(kind) is tuple:  # tuple[float, ...]: `--flag 1 2 3`
@@ -839,12 +841,14 @@ class Run:
     def to_device(self, batch):
         return common.to_device(batch, self.device, self.channels_last)
 
-    def distributed(self, model: nn.Module) -> nn.Module:
+    def distributed(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """DDP under torchrun, the model itself alone. broadcast_buffers=False: queues and banks are identical on
-        every rank by construction, no need to send them each step."""
+        every rank by construction, no need to send them each step. find_unused_parameters: some parameters get no
+        gradient in some configurations (DDP must then look for them each step, which costs time)."""
         if world_size() == 1:
             return model
-        return torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                         find_unused_parameters=find_unused_parameters)
 
     def start(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], backbone: nn.Module) -> None:
         """What a checkpoint holds (`backbone` again on its own, for export), restored when the run continues."""

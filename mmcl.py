@@ -388,7 +388,7 @@ class MMCL(nn.Module):
     def __init__(self, cfg: Config, bn_splits: int):
         super().__init__()
         self.cfg = cfg
-        self.encoder = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
+        self.encoder = common.Encoder(common.build_backbone(cfg.arch, cfg.stem, bn_splits), cfg.dim, cfg.mlp)
 
     def forward(self, views: list[torch.Tensor], sigma2: float) -> tuple[torch.Tensor, dict]:
         """views: two NxCxHxW batches (x+, x). Returns the loss and the solver's statistics (empty for SimCLR)."""

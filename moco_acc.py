@@ -326,7 +326,7 @@ class CMACC(nn.Module):
         self.partner = {m: m for m in MODALITIES} if cfg.unimodal else {"v": "a", "a": "v"}
         # --shared-encoder (regular MoCo): the same modules stand for both modalities, so `own` lists each once.
         self.own = MODALITIES[:1] if cfg.shared_encoder else MODALITIES
-        branches = [common.Branch(common.build_modality_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
+        branches = [common.Encoder(common.build_modality_backbone(kind, cfg.arch, c, bn_splits), cfg.dim, cfg.mlp)
                     for kind, c in zip(kinds[:len(self.own)], in_channels)]
         self.query = nn.ModuleDict({m: branches[i % len(branches)] for i, m in enumerate(MODALITIES)})
         self.key = copy.deepcopy(self.query).requires_grad_(False)  # h starts as f (deepcopy keeps the sharing)

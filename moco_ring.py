@@ -330,7 +330,7 @@ class MoCoRing(nn.Module):
     def __init__(self, cfg: Config, bn_splits: int, bank_size: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.encoder_q = common.Encoder(cfg.arch, cfg.stem, cfg.dim, cfg.mlp, bn_splits)
+        self.encoder_q = common.Encoder(common.build_backbone(cfg.arch, cfg.stem, bn_splits), cfg.dim, cfg.mlp)
         if cfg.negatives == "bank":
             self.bank = MemoryBank(bank_size, cfg.dim)  # IR has no key encoder: its keys are the bank's entries
         else:

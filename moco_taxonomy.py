@@ -32,34 +32,31 @@ Where the paper and its public code (serre-lab/ssl_actionrec, modules/moco_td.py
   (Alg. 1's value / (T*J*3)), so that w_2 = 1 puts L_AD on the scale of the other terms. The public code uses L1.
 - L_CD is in Table 1 but not in Alg. 1. The public code (MocoBUTDcon) scores decoded sequences by -|d_q - d_k|_1 / t
   with a momentum decoder and a decoder queue of 640, but never enqueues into that queue (it keeps its random
-  initial values). I enqueue the decoded keys (line 14), and score pairs by Eq. (1)'s dot product of unit vectors,
+  initial values). I enqueue the decoded keys (line 14) and score pairs by Eq. (1)'s dot product of unit vectors,
   as in E's space, with the same t. A distance has the data's units: with -MSE / t, t = 0.1, on the synthetic
-  motions (metres) L_CD alone stayed near log(K_D + 1) and lowered the kNN top-1 of the random-init encoder from 64%
-  to 38% in 300 steps; with the dot product it raised it to 71.5% (--width 64 --synthetic-size 800, one run each).
+  motions (metres) L_CD alone lowered the kNN top-1 of the random-init encoder from 64% to 38% in 300 steps; the
+  dot product raised it to 71.5% (--width 64 --synthetic-size 800, one run each).
 - Sequences have a fixed length T (resample when you write the arrays, or pass --frames); the public code pads and
   masks variable lengths. Each sequence is centred (mean over frames and joints), as the public code's Center().
-- Augmentations: the issue's four (temporal crop, rotation, shear, joint jitter); the public code uses temporal
-  flip + shear in [-1, 1], and I leave flip out (it turns "sit down" into "stand up").
+- Augmentations: temporal crop, rotation, shear, joint jitter. The public code uses temporal flip + shear in
+  [-1, 1]; I leave flip out (it turns "sit down" into "stand up").
 - The momentum update follows the optimizer step (Alg. 1 order); the public code updates before encoding the keys,
   the same sequence of updates shifted by one step.
 - Defaults are the public code's N-UCLA config: GRU 1 x 512, linear projection to 128, Adam 1e-3 (constant, so
   there is no schedule), gradient norm clipped at 25, batch 32, K 1024, K_D 640, m 0.999, t 0.1, w_1 = w_2 = 1.
-- fp32 by default, also on a GPU (--precision fp32): the recurrent nets are small, and bf16 cuDNN RNNs have not
-  run on a GPU here. --precision bf16 (or auto: bf16 on a GPU) autocasts encoder and decoder, the losses stay fp32;
-  it runs on the CPU in the tests, where the recurrent nets stay fp32 (run_recurrent) and the linear layers go
-  bf16. Metrics are read from the device every --log-every steps (default 10).
+- --precision fp32 by default, also on a GPU: the recurrent nets are small, and bf16 ones are untested on a GPU.
+  With bf16 the linear layers autocast, a recurrent net on a CPU stays fp32 (run_recurrent), the losses stay fp32.
 
 Data (--dataset npz --data-root DIR): DIR/train.npz and DIR/test.npz, each with `sequences` float32 (N, T, J, 3),
 joint coordinates (x, y, z) per frame, and `labels` int64 (N,) in 0..C-1. NTU RGB+D and N-UCLA cannot be
 redistributed: convert them yourself (one body per sequence; e.g. NTU's 25 joints or N-UCLA's 20, in metres,
 resampled to T = 50 frames as in the paper's code). --dataset synthetic (the default) generates labelled stick-figure
 motions instead: 10 parametric actions (SYNTHETIC_CLASSES) of a 15-joint figure, with random speed, phase,
-amplitude, idle sway of every joint angle, body size, viewpoint (yaw within +-90 degrees), position and joint noise
-(synthetic_motions). They are synthetic, for tests and demos only: numbers on them say nothing about NTU or N-UCLA.
-The checkpoint's "backbone" is Enc_q's recurrent net: it loads strictly into nn.GRU(J*3, width, layers,
-batch_first=True) (nn.LSTM for --cell lstm), and h is its output at the last frame.
+amplitude, idle sway of every joint angle, body size, viewpoint, position and joint noise (synthetic_motions): for
+tests and demos only, numbers on them say nothing about NTU or N-UCLA. The checkpoint's "backbone" is Enc_q's
+recurrent net: it loads strictly into nn.GRU(J*3, width, layers, batch_first=True) (nn.LSTM for --cell lstm).
 
-Run:
+Run (each evaluation also trains the linear probe, --probe-epochs; `python engine.py probe` is for image scripts):
     python moco_taxonomy.py                                        # synthetic motions, L_AE + L_CE + L_AD (best row)
     python moco_taxonomy.py --objectives ce cd                     # any row of Table 1
     python moco_taxonomy.py --precision bf16 --log-every 1         # bf16 autocast (losses fp32), every step logged
@@ -67,18 +64,7 @@ Run:
     python moco_taxonomy.py taxonomy --epochs 20 --out-dir runs/taxonomy          # all 15 rows, prints the table
     torchrun --nproc_per_node=4 moco_taxonomy.py --batch-size 128  # 4 GPUs (global batch 128), or 4 CPU processes
 
-Results measured (2-core CPU shared with other jobs, no GPU; one run each; synthetic motions, so nothing here is
-comparable with the paper's NTU / N-UCLA numbers; README.md has the full table):
-    python moco_taxonomy.py taxonomy --width 128 --epochs 8 --out-dir runs/taxonomy     # 15 rows, 11 min wall
-  random-init encoder: linear 82.6%, kNN 69.6%. After 8 epochs (496 steps), linear / kNN top-1 (%):
-  L_AE + L_AD 93.8 / 85.2, L_AD 93.0 / 85.6, L_AE 92.4 / 87.6, L_AE + L_CE + L_AD (the paper's best) 88.2 / 79.0,
-  L_CE 85.8 / 78.0, L_CD 86.2 / 76.0, all four 88.4 / 79.4. Every row beats random init; on these motions the
-  rows without contrast do best, unlike Table 1.
-  Collapse (Table 2): under L_AE alone the query variance 1 - |mean q|^2 falls from 0.11 to 0.0004 in 40 steps
-  (L_CE: 0.11 -> 0.81; the tiny model of tests/test_moco_taxonomy.py), and the test features' direction variance
-  is 0.000 after the 8 epochs above, with 1, 2 or 3 layers (--layers). Their accuracy did not drop here (linear
-  92.4 / 95.0 / 92.0 vs 82.6 / 85.4 / 86.6 at random init): the features collapse onto one direction while the
-  small residual still separates these classes, so Table 2's accuracy drop is not reproduced on the synthetic set.
+Results (what reproduces at CPU scale, what needs a GPU, with commands, commits and machines): RESULTS.md.
 """
 from __future__ import annotations
 
@@ -94,7 +80,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import engine
@@ -371,7 +356,8 @@ def load_sequences(cfg: Config) -> SequenceData:
 
 
 @dataclasses.dataclass
-class Config:
+class Config(engine.RunConfig):
+    """The taxonomy's options; the run, logging and kNN options every script shares are in engine.RunConfig."""
     # data
     dataset: str = option("synthetic", "'synthetic': generated stick-figure motions (for tests and demos); 'npz': "
                                        "DATA_ROOT/train.npz and test.npz (format in the docstring)",
@@ -381,7 +367,6 @@ class Config:
                          check=NON_NEGATIVE)
     synthetic_size: int = option(2000, "training sequences of the synthetic set (its test split: a quarter as many)",
                                  check=at_least(1))
-    workers: int = option(0, "data loader processes per training process", check=NON_NEGATIVE)
     # augmentations (Alg. 1 line 1)
     crop: float = option(0.7, "temporal crop: keep a window of at least this fraction of T, resampled to T",
                          check=engine.Check(lambda v: 0 < v <= 1, "in (0, 1]"))
@@ -412,28 +397,23 @@ class Config:
     lr: float = option(1e-3, "Adam learning rate (constant, as in the public code)", check=NON_NEGATIVE)
     weight_decay: float = option(0.0, "Adam weight decay", check=NON_NEGATIVE)
     grad_clip: float = option(25.0, "clip the gradient norm at this value (0: no clipping)", check=NON_NEGATIVE)
-    # run
-    seed: int = option(0, "random seed (model init, data order, augmentations)", check=NON_NEGATIVE)
-    # Default fp32, not auto: these recurrent nets are small, and bf16 cuDNN RNNs have not run on a GPU here (bf16
-    # runs on the CPU in the tests). No --channels-last: nothing here convolves (NxTxJx3 joints into GRU/LSTM).
+    # evaluation
+    probe_epochs: int = option(100, "epochs of the linear probe at each evaluation (logistic regression on the "
+                                    "frozen h of the kNN bank's sequences; 0: no probe)", check=NON_NEGATIVE)
+    # Shared options whose defaults differ here. No loader processes by default: the sequences are already tensors in
+    # memory. fp32, not auto: the recurrent nets are small, and bf16 ones are untested on a GPU (bf16 runs on the
+    # CPU in the tests). No --channels-last: nothing here convolves (NxTxJx3 joints into a GRU/LSTM).
+    workers: int = option(0, "data loader processes per training process", check=NON_NEGATIVE)
     precision: str = option("fp32", "autocast of the encoder and decoder: 'bf16' or 'fp32' (losses stay fp32); "
                                     "auto: bf16 on a GPU, fp32 on a CPU", choices=common.PRECISION_CHOICES)
-    out_dir: str = option("runs/moco_taxonomy", "run directory: config.json, metrics.jsonl, checkpoint.pt")
-    resume: str = option("", "checkpoint.pt or run directory to continue from; re-running a command continues the "
-                             "run its --out-dir holds")
-    max_steps: int = option(0, "stop after this global step (0: train all epochs)", check=NON_NEGATIVE)
-    log_every: int = option(10, "steps between metrics.jsonl records (the loss is read from the device, and "
-                                "checked for NaN, only then)", check=at_least(1))
-    checkpoint_minutes: float = option(10.0, "minutes between checkpoints; they are also written at each epoch end, "
-                                             "at the last step and on SIGTERM/SIGINT", check=NON_NEGATIVE)
-    knn_every: int = option(10, "epochs between evaluations (0: only at the end)", check=NON_NEGATIVE)
+    knn_every: int = option(10, "epochs between evaluations, kNN and linear probe (0: only at the end)",
+                            check=NON_NEGATIVE)
     knn_k: int = option(20, "neighbours of the kNN classifier", check=at_least(1))
-    knn_t: float = option(0.1, "temperature of the kNN vote weights", check=POSITIVE)
-    knn_bank_size: int = option(0, "training sequences in the kNN bank and probe training set, evenly spaced (0: all)",
-                                check=NON_NEGATIVE)
-    knn_test_size: int = option(0, "test sequences evaluated, evenly spaced (0: all)", check=NON_NEGATIVE)
-    probe_epochs: int = option(100, "epochs of the linear probe (logistic regression on frozen h; 0: no probe)",
-                               check=NON_NEGATIVE)
+
+    def settle(self, data: SequenceData) -> None:
+        """Resolve what depends on the data (the frames T), and spell --objectives one way per row of Table 1."""
+        self.frames = data.train.shape[1]
+        self.objectives = tuple(o for o in OBJECTIVES if o in self.objectives)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -600,83 +580,37 @@ def check_config(cfg: Config, num_sequences: int) -> None:
         common.fail("--objectives needs at least one of ae ce ad cd")
     if len(set(cfg.objectives)) != len(cfg.objectives):
         common.fail(f"--objectives lists one twice: {' '.join(cfg.objectives)}")
-    if cfg.batch_size % common.world_size():
-        common.fail(f"--batch-size {cfg.batch_size} does not split evenly over {common.world_size()} processes")
-    if cfg.batch_size > num_sequences:
-        common.fail(f"--batch-size {cfg.batch_size} is larger than the dataset ({num_sequences} sequences)")
+    engine.check_batch_size(cfg.batch_size, num_sequences)
+
+
+def uses_every_parameter(model: TaxonomyMoCo) -> bool:
+    """Which parameters a step reaches depends on --objectives (L_AD alone never reaches the projection head, L_CE
+    alone never the decoder): DDP must then be told that some get no gradient."""
+    return bool(model.objectives & {"ae", "ce"}) and bool(model.objectives & {"ad", "cd"})
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = engine.parse_config(Config, argv, __doc__)
-    device = engine.init_distributed()
+    run = engine.Run(cfg)
     data = load_sequences(cfg)
     check_config(cfg, len(data.train))
-    _, frames, joints, _ = data.train.shape
-    cfg.frames = frames
-    cfg.objectives = tuple(o for o in OBJECTIVES if o in cfg.objectives)  # one spelling per row of Table 1
-    config = dataclasses.asdict(cfg)
+    cfg.settle(data)
 
     common.seed_everything(cfg.seed)  # same seed on every rank: identical initial networks and queues
-    model = TaxonomyMoCo(cfg, joints, frames).to(device)
+    _, frames, joints, _ = data.train.shape
+    model = run.place(TaxonomyMoCo(cfg, joints, frames))
     optimizer = torch.optim.Adam([*model.encoder_q.parameters(), *model.decoder_q.parameters()], lr=cfg.lr,
                                  weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume:
-        state = engine.load_checkpoint(cfg.resume, "moco_taxonomy", config)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizers"]["adam"])
-        engine.set_rng_state(state["rng"])
-        step = state["step"]
-    # broadcast_buffers=False: the queues are identical on every rank by construction. Which parameters a step uses
-    # depends on --objectives (L_AD alone never reaches the projection head, L_CE alone never the decoder), and DDP
-    # must be told when some will get no gradient.
-    uses_all = bool(model.objectives & {"ae", "ce"}) and bool(model.objectives & {"ad", "cd"})
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                           find_unused_parameters=not uses_all)
-                 if common.world_size() > 1 else model)
-    run = engine.RunDir(cfg.out_dir, config, "moco_taxonomy", resuming=bool(cfg.resume), step=step)
+    run.start(model, {"adam": optimizer}, model.encoder_q.rnn)
+    ddp_model = run.distributed(model, find_unused_parameters=not uses_every_parameter(model))
 
     sampler = common.EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     loader = common.make_loader(SkeletonViews(data.train, data.train_labels, cfg),
-                                cfg.batch_size // common.world_size(), cfg.workers, device, sampler, persistent=True)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-    timer, metrics = engine.CheckpointTimer(cfg.checkpoint_minutes, device), engine.StepMetrics()
-    progress = tqdm(total=last_step, initial=step, disable=not common.is_main(), dynamic_ncols=True)
-    while step < last_step:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        tic, sequences = time.perf_counter(), 0
-        for views, _ in loader:
-            stats = train_step(model, ddp_model, optimizer, [v.to(device, non_blocking=True) for v in views])
-            step += 1
-            metrics.add(step, stats)
-            sequences += cfg.batch_size
-            progress.update()
-            if step % cfg.log_every == 0 or step == last_step:
-                stats = metrics.pop(run.check_finite)  # the host reads the loss here only; a NaN stops the run
-                progress.set_postfix(loss=f"{stats['loss']:.3f}", q_var=f"{stats['q_var']:.3f}")
-                rate = sequences / (time.perf_counter() - tic)
-                run.log({"step": step, "epoch": epoch, **stats, "sequences_per_s": rate})
-                tic, sequences = time.perf_counter(), 0
-            if step == last_step or timer.due():  # a checkpoint is due mid-epoch: save below, then go on
-                break
-        metrics.pop(run.check_finite)  # no checkpoint of a diverged model
-        epoch_done = step % steps_per_epoch == 0
-        engine.average_bn_statistics(model)
-        if step == last_step or (epoch_done and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            result = evaluate(model.encoder_q, data, cfg, device)
-            if common.is_main():
-                run.log({"step": step, "epoch": epoch, **result})
-                progress.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        engine.save_checkpoint(run.checkpoint_path, "moco_taxonomy", config, step, model, {"adam": optimizer},
-                               model.encoder_q.rnn)
-        timer.saved()
-        timer.stop_if_signalled(step, run.checkpoint_path)
-    progress.close()
-    timer.close()
+                                cfg.batch_size // common.world_size(), cfg.workers, run.device, sampler,
+                                persistent=True)
+    for _, (views, _labels) in run.steps(loader, sampler, lambda: evaluate(model.encoder_q, data, cfg, run.device),
+                                         show=("q_var",)):
+        run.log(train_step(model, ddp_model, optimizer, run.to_device(views)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

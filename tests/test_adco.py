@@ -180,7 +180,7 @@ def test_initial_adversaries_encode_random_images_and_touch_neither_encoder_nor_
     dataset = torchvision.datasets.FakeData(40, (3, 16, 16), num_classes=10)
     transform = common.pretrain_transform(16, (0.5,) * 3, (0.5,) * 3)
     torch.manual_seed(0)
-    encoder = common.Encoder("small", "cifar", 8, True)
+    encoder = common.Encoder(common.build_backbone("small", "cifar"), 8, True)
     stats, rng = encoder.state_dict(), torch.get_rng_state()
     stats = {name: value.clone() for name, value in stats.items()}
 

@@ -404,7 +404,7 @@ def test_bf16_autocast_and_channels_last_run_on_cpu_and_match_fp32():
     fp32 features up to bf16 rounding (8 mantissa bits: relative error ~0.4% per op, a few % after 4 layers), and
     its backward pass gives finite gradients close in direction."""
     torch.manual_seed(0)
-    encoder = common.Encoder("small", "cifar", 128, True)
+    encoder = common.Encoder(common.build_backbone("small", "cifar"), 128, True)
     x = torch.randn(16, 3, 32, 32)
     reference = encoder(x)
     reference.pow(2).mean().backward()

@@ -243,7 +243,7 @@ def test_one_and_two_processes_agree_on_the_first_steps(tmp_path):
 
 
 def test_bf16_autocast_runs_on_the_cpu_with_the_losses_in_fp32(tmp_path):
-    # Issue 13: --precision bf16 (the GPU setting) runs here too: the linear layers in bf16, the recurrent nets in
+    # --precision bf16 (the GPU setting) runs on a CPU too: the linear layers in bf16, the recurrent nets in
     # fp32 on a CPU (run_recurrent: a CPU LSTM under autocast fails on CPUs without AVX-512 BF16), losses in fp32.
     cfg = engine.parse_config(mt.Config, [*TINY, "--objectives", "ae", "ce", "ad", "cd"])
     common.seed_everything(0)
@@ -256,7 +256,7 @@ def test_bf16_autocast_runs_on_the_cpu_with_the_losses_in_fp32(tmp_path):
         loss, parts, *_ = model(x, x1, x2)
     assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
     assert loss.item() == pytest.approx(fp32_loss.item(), rel=0.05) and loss.item() != fp32_loss.item()
-    for cell in ("gru", "lstm"):  # the script end to end, 2 steps (the LSTM's autocast failed here before)
+    for cell in ("gru", "lstm"):  # the script end to end, 2 steps (an LSTM under CPU autocast needs run_recurrent)
         mt.main([*TINY, "--cell", cell, "--objectives", "ae", "ce", "ad", "cd", "--max-steps", "2", "--precision",
                  "bf16", "--out-dir", str(tmp_path / cell)])
         records = [r for r in read_metrics(tmp_path / cell) if "loss" in r]
@@ -273,7 +273,7 @@ def test_logging_every_few_steps_keeps_the_numbers_and_names_the_step_a_nan_bega
     mt.main([*args, "--log-every", "5", "--out-dir", str(tmp_path / "few")])
     every, few = ({r["step"]: r for r in read_metrics(tmp_path / d) if "loss" in r} for d in ("every", "few"))
     assert sorted(every) == list(range(1, 17)) and sorted(few) == [5, 10, 15, 16]
-    rateless = lambda record: {k: v for k, v in record.items() if k != "sequences_per_s"}  # noqa: E731
+    rateless = lambda record: {k: v for k, v in record.items() if k != "images_per_s"}  # noqa: E731
     assert all(rateless(few[step]) == rateless(every[step]) for step in few)
 
     real_loss, calls = mt.attractive_encoder_loss, []
