@@ -715,9 +715,10 @@ def training_rate(run_dir: Path) -> float | None:
 
 
 def same_protocol(protocol: dict) -> dict:
-    """What a saved result must share with the present protocol to be read back (not the wording of notes)."""
-    return {key: protocol[key] for key in ("data", "image_size", "arch", "batch_size", "steps", "scaled_defaults",
-                                           "evaluation")}
+    """What a saved result must share with the present protocol to be read back (not the wording of notes), as
+    JSON holds it (a tuple of epochs reads back as a list)."""
+    return json.loads(json.dumps({key: protocol[key] for key in ("data", "image_size", "arch", "batch_size", "steps",
+                                                                 "scaled_defaults", "evaluation")}))
 
 
 def slug(name: str) -> str:

@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
                             run.device)
     total_steps = cfg.epochs * sampler.batches_per_epoch
     for step, (views, _) in run.steps(loader, sampler, lambda: {"knn_top1": knn(model.encoder.backbone)},
-                                      show=("sv_frac",) if cfg.loss == "mmcl" else ()):
+                                      show=("sv_frac",)):  # logged by --loss mmcl only
         run.log(train_step(model, ddp_model, optimizer, run.to_device(views), step, sampler.batches_per_epoch,
                            total_steps))
 

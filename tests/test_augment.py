@@ -393,7 +393,7 @@ def test_augment_path_keeps_the_pil_path_for_data_that_does_not_fit(monkeypatch,
         data = torch.empty(0, dtype=torch.uint8).numpy()
 
     assert engine.augment_path("device", Huge(), torch.device("cpu")) == "device"
-    monkeypatch.setattr(common, "dataset_bytes", lambda dataset: 2**62)
+    monkeypatch.setattr(engine, "dataset_bytes", lambda dataset: 2**62)
     assert engine.augment_path("device", Huge(), torch.device("cpu")) == "cpu"
     assert "--augment cpu" in capsys.readouterr().out
     assert engine.augment_path("cpu", Huge(), torch.device("cpu")) == "cpu"
