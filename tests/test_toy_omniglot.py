@@ -161,6 +161,32 @@ def test_pair_views_are_seeded_shifts_of_the_pair(nine):
     assert not torch.equal(first[0][0], first[0][1])  # two different views
 
 
+def test_shifted_views_translate_every_cell_by_its_own_offset_with_zeros_moving_in():
+    """Each cell of each view is the cell moved by some (dy, dx) in [-2, 2]^2, written out pixel by pixel here; over
+    many draws all 25 offsets occur, each about 1/25 of the time (4 standard errors)."""
+    cells = torch.randint(1, 256, (3, 32, 32), dtype=torch.uint8)  # no zero pixel: every move is visible
+    moved = {}
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            out = torch.zeros_like(cells)
+            for i in range(32):
+                for j in range(32):
+                    if 0 <= i - dy < 32 and 0 <= j - dx < 32:
+                        out[:, i, j] = cells[:, i - dy, j - dx]
+            moved[dy, dx] = out
+    views = multiomniglot.shifted_views(cells, 400, 2, torch.Generator().manual_seed(0))  # 400 x 3 x 32 x 32
+    counts = defaultdict(int)
+    for view in views:
+        for k in range(3):
+            offsets = [o for o, out in moved.items() if torch.equal(view[k], out[k])]
+            assert len(offsets) == 1
+            counts[offsets[0]] += 1
+    assert len(counts) == 25
+    n, p = 1200, 1 / 25
+    assert all(abs(count - n * p) < 4 * math.sqrt(n * p * (1 - p)) for count in counts.values()), counts
+    assert torch.equal(multiomniglot.shifted_views(cells, 2, 0, torch.Generator())[1], cells)  # --shift 0
+
+
 def test_downsampled_views_are_area_averages():
     image = torch.randint(0, 256, (32, 64), dtype=torch.uint8)
     small = multiomniglot.to_input(image, 2)
@@ -178,32 +204,77 @@ def test_bad_flags_give_one_error_line():
     result = run_script("toy_mi/multiomniglot.py", "--characters", "10", check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == ["error: --characters 10: each must be 1..9"]
+    with pytest.raises(SystemExit, match="error: --unit '1 moco 0': expected 'c method seed'"):
+        multiomniglot.check_config(multiomniglot.parse(["--unit", "1 moco 0"]))
+
+
+def test_typed_flags_win_over_the_preset_even_when_they_equal_the_default():
+    """--seeds 0, --batch-size 128 and --epochs 50 are the defaults; typed, they must not become the preset's."""
+    defaults = multiomniglot.Config()
+    assert (defaults.seeds, defaults.batch_size, defaults.epochs) == ((0,), 128, 50)
+    cfg = multiomniglot.parse(["--preset", "cpu", "--seeds", "0", "--batch-size", "128", "--epochs=50"])
+    assert (cfg.seeds, cfg.batch_size, cfg.epochs) == ((0,), 128, 50)
+    cpu = multiomniglot.PRESETS["cpu"]
+    assert cpu["seeds"] != (0,) and cpu["batch_size"] != 128 and cpu["epochs"] != 50  # else the test shows nothing
+    untyped = {k: v for k, v in cpu.items() if k not in ("seeds", "batch_size", "epochs")}
+    assert {k: getattr(cfg, k) for k in untyped} == untyped
+    quick = multiomniglot.parse(["--quick", "--characters", "1", "2", "3", "4", "5", "6", "7", "8", "9"])
+    assert quick.characters == defaults.characters and quick.num_train == multiomniglot.QUICK["num_train"]
+    assert multiomniglot.parse(["--preset", "cpu"]).seeds == cpu["seeds"]
+
+
+@pytest.mark.parametrize("preset", ["quick", "cpu"])
+def test_a_jobs_process_parses_back_exactly_the_resolved_config(preset):
+    cfg = multiomniglot.parse(["--preset", preset, "--seeds", "0", "--moco-t", "0.1"])
+    worker = multiomniglot.dataclasses.replace(cfg, preset="none", jobs=0, unit="3 cmacc 0")
+    assert multiomniglot.parse(multiomniglot.explicit_argv(worker)) == worker
+
+
+def test_loss_floor_is_the_mean_log_of_one_plus_the_tied_negatives():
+    """E ln(1 + B), B ~ Binomial(K, 1/e^I), against the sum over the binomial written out with math.comb."""
+    for k, e_mi in ((200, 55.0), (300, 2860.0)):
+        p = 1 / e_mi
+        expected = sum(math.comb(k, b) * p ** b * (1 - p) ** (k - b) * math.log(1 + b) for b in range(k + 1))
+        assert multiomniglot.loss_floor(k, e_mi) == pytest.approx(expected, rel=1e-9)
+    assert multiomniglot.loss_floor(3840, 137280.0) < 0.03 < 4.0 < multiomniglot.loss_floor(3840, 55.0)
 
 
 def test_quick_run_end_to_end_is_far_above_chance_and_smoco_shift_learns_beyond_the_random_encoder(tmp_path):
-    """--quick cut to one character and 40 steps of batch 32 (tau 0.1, which moves the small CNN fastest): every
-    method's probe is far above chance (1/55); SMoCo x-x' (two MoCos of shifted views) is clearly above the
-    random-initialised encoder, both measured in this run (the cross-modal methods and the shared-encoder SMoCo
-    need more steps than a test can afford to get there: XMoCo had 69.4% against 72.2% at random init); the JSON has the issue's format ({'mean', 'std', 'runs'} per method); a rerun reuses the
-    finished runs and their saved probes and gives the same table."""
+    """--quick cut to one character and 40 steps of batch 32 (tau 0.1, which moves the small CNN fastest), in two
+    single-threaded processes (--jobs 2): every method's probe is far above chance (1/55); SMoCo x-x' (two MoCos of
+    shifted views) is clearly above the random-initialised encoder, both measured in this run (the cross-modal
+    methods and the shared-encoder SMoCo need more steps than a test can afford to get there: XMoCo had 69.4%
+    against 72.2% at random init); the JSON holds {'mean', 'std', 'runs', 'positions', 'loss'} per method. A rerun
+    reuses the finished runs and their saved probes and gives the same table; with one run's probe.json deleted, it
+    probes that run again from its checkpoint (no training) and gets the same numbers."""
     flags = ["--quick", "--characters", "1", "--num-train", "1024", "--num-eval", "500", "--probe-train", "1000",
              "--batch-size", "32", "--moco-k", "128", "--pool-size", "256", "--epochs", "2", "--max-steps", "40",
-             "--moco-t", "0.1",
-             "--warmup-steps", "5", "--probe-epochs", "20", "--cache-dir", str(tmp_path / "cache"),
-             "--methods", "smoco", "xmoco", "cmacc", "smoco_shift",
-             "--out-dir", str(tmp_path / "runs")]
-    run_script("toy_mi/multiomniglot.py", *flags, "--json", str(tmp_path / "a.json"), timeout=900)  # 4 runs
+             "--moco-t", "0.1", "--warmup-steps", "5", "--probe-epochs", "20", "--cache-dir", str(tmp_path / "cache"),
+             "--methods", "smoco", "xmoco", "cmacc", "smoco_shift", "--jobs", "2", "--out-dir", str(tmp_path / "runs")]
+    run_script("toy_mi/multiomniglot.py", *flags, "--json", str(tmp_path / "a.json"), timeout=900)  # 4 runs + init
     results = json.loads((tmp_path / "a.json").read_text())["results"]
     assert len(results) == 1
     row = results[0]
-    assert {"characters", "mi_nats", "num_train", "smoco", "xmoco", "cmacc", "init"} <= set(row)
+    assert {"characters", "mi_nats", "num_train", "moco_k", "chance_loss", "floor_loss", "smoco", "xmoco", "cmacc",
+            "init"} <= set(row)
     assert row["characters"] == 1 and row["mi_nats"] == pytest.approx(math.log(55)) and row["num_train"] == 1024
+    assert row["chance_loss"] == pytest.approx(math.log(129)) and row["chance_probe"] == pytest.approx(1 / 55)
     for method in ("smoco", "xmoco", "cmacc", "smoco_shift", "init"):
-        assert set(row[method]) == {"mean", "std", "runs"} and len(row[method]["runs"]) == 1
+        assert set(row[method]) == {"mean", "std", "runs", "positions", "loss"} and len(row[method]["runs"]) == 1
         assert row[method]["mean"] == row[method]["runs"][0] and row[method]["std"] == 0.0
+        assert row[method]["positions"]["mean"] == [row[method]["mean"]]  # one character: one position
         assert 10 / 55 < row[method]["mean"] <= 1.0, (method, row)
+        if method != "init":  # a contrastive loss below chance, ln(K + 1) per direction
+            assert 0 < row[method]["loss"]["mean"] < row["chance_loss"], (method, row)
     assert row["smoco_shift"]["mean"] > row["init"]["mean"] + 0.05, row
     rerun = run_script("toy_mi/multiomniglot.py", *flags, "--json", str(tmp_path / "b.json"),
                        "--plot", str(tmp_path / "fig.png"), timeout=900)
+    assert "0 to run" in rerun.stdout
     assert json.loads((tmp_path / "b.json").read_text())["results"] == results  # resumed at the end: no training
     assert (tmp_path / "fig.png").is_file() or "matplotlib is not installed" in rerun.stdout  # optional dependency
+    xmoco = tmp_path / "runs" / "c1" / "xmoco" / "seed0"
+    trained = (xmoco / "metrics.jsonl").read_text()
+    (xmoco / "probe.json").unlink()
+    again = run_script("toy_mi/multiomniglot.py", *flags, "--json", str(tmp_path / "c.json"), timeout=900)
+    assert "1 to run" in again.stdout and (xmoco / "metrics.jsonl").read_text() == trained
+    assert json.loads((tmp_path / "c.json").read_text())["results"] == results

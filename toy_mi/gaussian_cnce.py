@@ -75,8 +75,8 @@ What this says about Table 5:
     1e-4 in any seed; seed 0's w = 50 critic scores 120-122 for every pair): the estimate equals B(w) and both are
     0 up to float32 noise in the critic's scores (|x| < 3e-6, mixed sign). At w = 10 three of five seeds kept a
     y-dependent critic (estimates 9.1e-3, 4.4e-4, -5.9e-4) and two collapsed (9e-16). Which seeds collapse depends
-    on the draw of negatives: an earlier run with the same distribution of negatives but another draw order
-    (the ring sorted with argsort then; float32 estimates) gave w = 10 values 4.7e-7, 4.4e-7,
+    on the draw of negatives: a run with the same distribution of negatives but another draw order (the ring
+    sorted with argsort, float32 estimates: the code before commit dff0c41) gave w = 10 values 4.7e-7, 4.4e-7,
     1.5e-3, -6.4e-4, 4.8e-7 and NCE 0.0165 +- 0.0069.
   * So Table 5's falling positive values (0.0022 at w = 25 to 2e-6 at w = 95, with small stds) match neither
     reading: the shared reading gives large negative numbers, the per-w reading a flat critic whose estimate is 0
@@ -85,8 +85,8 @@ What this says about Table 5:
     every NCE-trained critic here, and training on CNCE(w) itself reached a non-negative value only with critics
     that carry no information about y.
   * Digits are not portable: the numbers depend on the CPU, the torch build and the exact draw order of the
-    negatives (a review got NCE 0.0191 for the shared protocol on another CPU with torch 2.14.1 where an earlier
-    version here printed 0.0162). Compare means within their std over seeds.
+    negatives (NCE 0.0191 for the shared protocol on one CPU with torch 2.14.1, 0.0162 on another with the draw
+    order before commit dff0c41). Compare means within their std over seeds.
 
 Choices the paper leaves open, and mine:
   * Pairs: i.i.d., each point has its own z_i and eps_i (2000 points, as the paper says), unlike the Tschannen et al.

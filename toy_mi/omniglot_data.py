@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import engine  # noqa: E402
 
 # The paper's alphabet order (Appendix B), which is the order of size in the background split; l_i in brackets.
 ALPHABETS = ("Tifinagh", "Japanese_(hiragana)", "Gujarati", "Japanese_(katakana)", "Bengali", "Grantha",
@@ -164,8 +165,13 @@ class MultiOmniglot:
 
     def tile(self, cells: torch.Tensor) -> torch.Tensor:
         """c x 32 x 32 -> (32m) x (32n), cell i at row i // n, column i % n."""
+        return self.tile_views(cells.unsqueeze(0))[0]
+
+    def tile_views(self, cells: torch.Tensor) -> torch.Tensor:
+        """V x c x 32 x 32 -> V x (32m) x (32n): V images tiled at once."""
         m, n = self.grid
-        return cells.view(m, n, CELL, CELL).permute(0, 2, 1, 3).reshape(m * CELL, n * CELL)
+        v = cells.shape[0]
+        return cells.reshape(v, m, n, CELL, CELL).permute(0, 1, 3, 2, 4).reshape(v, m * CELL, n * CELL)
 
     def x(self, i: int) -> torch.Tensor:
         return self.tile(self.cells(self.z[i], int(self.d_x[i])))
@@ -199,5 +205,5 @@ def load_or_build(root: str | Path, characters: int, num_train: int, num_eval: i
         glyphs = load_alphabets(root, characters)
         state = {"format": CACHE_FORMAT, "glyphs": glyphs, **build(glyphs, num_train, num_eval, seed)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        common.atomic_write(path, lambda p: torch.save(state, p))
+        engine.atomic_write(path, lambda p: torch.save(state, p))
     return tuple(MultiOmniglot(state["glyphs"], **state[split]) for split in ("train", "eval"))
