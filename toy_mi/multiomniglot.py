@@ -89,16 +89,8 @@ Commands:
   checkpoints first. The JSON is rewritten whenever a character count is complete. The datasets are cached in
   --cache-dir. --omniglot also accepts torchvision's PNG download (ROOT/omniglot-py/images_background/...).
 
-Results measured (2-core Intel Xeon, no GPU, torch 2.14.1, OMP_NUM_THREADS=1, one run at a time):
-    python toy_mi/multiomniglot.py --preset cpu --characters 1 --seeds 0 --jobs 1 --json c1.json
-  c = 1, seed 0, 3,124 steps per run, held-out probe (one character, chance 1.8%) and final loss per direction
-  (ln(K+1) = 8.25; floor of the true critic 4.25 for the x-y methods; SMoCo x-x' contrasts x with x', so its loss
-  has another floor):
-    random init 71.1%   SMoCo x-y 95.6% (loss 5.85)   SMoCo x-x' 91.1% (4.34)   XMoCo 96.6% (5.00)
-    CM-ACC 96.5% (4.82)
-  Three of the four reach 95%; SMoCo x-x' does not (91.1%, as in every setting tried above). c = 2..5 and seeds 1-2
-  are not measured here: the command under "Commands" runs them and writes the table (probe mean +- std, final
-  loss against ln(K+1) and the floor, probe per grid position).
+Results (the sweep's table and figure, with commands, commits and machines): RESULTS.md, section
+"toy_mi: Spatial-MultiOmniglot".
 """
 from __future__ import annotations
 
